@@ -1,0 +1,206 @@
+"""Request and response bodies of the native API (``/api/v1``). Unknown fields are refused."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pilotboat.model.roles import Role
+from pilotboat.services.devices import DeviceRecord
+from pilotboat.store.tables import Channel, Event
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TokenOut(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int
+
+
+class OrgIn(Strict):
+    name: str = Field(min_length=1, max_length=128)
+
+
+class OrgOut(BaseModel):
+    id: str
+    name: str
+    role: Role | None = None
+    created_at: datetime
+
+
+class UserIn(Strict):
+    email: str = Field(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")
+    password: str = Field(min_length=8, max_length=1024)
+    role: Role = Role.MEMBER
+
+
+class RoleIn(Strict):
+    role: Role
+
+
+class MemberOut(BaseModel):
+    id: str
+    email: str
+    role: Role
+    is_system_admin: bool
+
+
+class ApiKeyIn(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    org_id: str | None = Field(default=None, description="Restrict the key to this organisation.")
+    expires_in_days: int | None = Field(default=None, ge=1, le=3650)
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    name: str
+    org_id: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="The API key; shown only in this response.")
+
+
+class ChannelIn(Strict):
+    name: str = Field(default="", max_length=256)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChannelPatch(Strict):
+    name: str | None = Field(default=None, max_length=256)
+    metadata: dict[str, Any] | None = None
+
+
+class ChannelOut(BaseModel):
+    id: str
+    name: str
+    metadata: dict[str, Any]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, channel: Channel) -> ChannelOut:
+        return cls(id=channel.id, name=channel.name, metadata=channel.metadata_, created_at=channel.created_at)
+
+
+class ChannelPage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    channels: list[ChannelOut]
+
+
+class DeviceFields(Strict):
+    name: str | None = Field(default=None, max_length=256)
+    external_id: str | None = Field(default=None, min_length=1, max_length=256)
+    external_key: str | None = Field(default=None, min_length=1, max_length=1024, description="Stored hashed.")
+    endpoint: str | None = Field(default=None, min_length=1, max_length=256, description="LwM2M endpoint name.")
+    mac_address: str | None = Field(default=None, max_length=64)
+    serial_number: str | None = Field(default=None, max_length=128)
+    imei: str | None = Field(default=None, max_length=32)
+    alias: str | None = Field(default=None, max_length=256)
+    content: str | None = Field(default=None, max_length=65536)
+    client_cert: str | None = Field(default=None, max_length=65536)
+    ca_cert: str | None = Field(default=None, max_length=65536)
+
+    def columns(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True, exclude={"external_key", "client_key", "state", "channels"})
+
+
+class DeviceIn(DeviceFields):
+    client_key: str | None = Field(default=None, max_length=65536, description="Sealed at rest.")
+    state: int = Field(default=0, ge=0, le=1)
+    channels: list[str] | None = None
+
+
+class StateIn(Strict):
+    state: int = Field(description="0 inactive (disconnected), 1 active (connected to its channels)")
+
+
+class ChannelsIn(Strict):
+    channels: list[str]
+
+
+class ChannelLinkOut(BaseModel):
+    id: str
+    name: str
+    metadata: dict[str, Any]
+    connected: bool
+
+
+class DeviceOut(BaseModel):
+    id: str
+    name: str
+    external_id: str | None
+    endpoint: str | None
+    mac_address: str | None
+    serial_number: str | None
+    imei: str | None
+    alias: str | None
+    content: str
+    client_cert: str
+    ca_cert: str
+    has_client_key: bool
+    state: int
+    channels: list[ChannelLinkOut]
+    last_bootstrap_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, record: DeviceRecord) -> DeviceOut:
+        device = record.device
+        return cls(
+            id=device.id, name=device.name, external_id=device.external_id, endpoint=device.endpoint,
+            mac_address=device.mac_address, serial_number=device.serial_number, imei=device.imei, alias=device.alias,
+            content=device.content, client_cert=device.client_cert, ca_cert=device.ca_cert,
+            has_client_key=device.client_key_sealed is not None, state=device.state,
+            channels=[
+                ChannelLinkOut(id=link.channel.id, name=link.channel.name, metadata=link.channel.metadata_, connected=link.connected)
+                for link in record.channels
+            ],
+            last_bootstrap_at=device.last_bootstrap_at, created_at=device.created_at, updated_at=device.updated_at,
+        )
+
+
+class DeviceCreated(DeviceOut):
+    client_secret: str = Field(description="The device's client secret; shown only in this response.")
+
+
+class DevicePage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    devices: list[DeviceOut]
+
+
+class EventOut(BaseModel):
+    id: int
+    kind: str
+    org_id: str | None
+    device_id: str | None
+    outcome: str
+    reason: str | None
+    actor: str | None
+    detail: dict[str, Any]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, event: Event) -> EventOut:
+        return cls(
+            id=event.id, kind=event.kind, org_id=event.org_id, device_id=event.device_id, outcome=event.outcome,
+            reason=event.reason, actor=event.actor, detail=event.detail, created_at=event.created_at,
+        )
+
+
+class EventPage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    events: list[EventOut]

@@ -1,0 +1,83 @@
+"""Operations endpoints and middleware: /health, Prometheus /metrics, offline /docs, request logs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import swagger_ui_bundle
+from fastapi import APIRouter, FastAPI, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pilotboat import __version__
+
+log = logging.getLogger("pilotboat.http")
+
+REQUESTS = Counter("pilotboat_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram("pilotboat_http_request_seconds", "HTTP request latency", ["method", "route"])
+SWAGGER_DIR = Path(swagger_ui_bundle.__file__).parent / "vendor"
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", summary="Liveness and version")
+async def health() -> dict[str, str]:
+    return {"status": "pass", "version": __version__, "service": "pilotboat"}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def install_docs(app: FastAPI) -> None:
+    """Swagger UI served from the installed swagger-ui-bundle package: no CDN needed."""
+    app.mount("/static/swagger-ui", StaticFiles(directory=SWAGGER_DIR), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Pilotboat API",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        )
+
+
+class RequestMetrics:
+    """Counts and times every request by route template, and logs one line per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            REQUESTS.labels(scope["method"], route, str(status)).inc()
+            LATENCY.labels(scope["method"], route).observe(elapsed)
+            if route not in ("/health", "/metrics"):
+                log.info(
+                    "request",
+                    extra={"method": scope["method"], "route": route, "status": status, "ms": round(elapsed * 1000, 2)},
+                )

@@ -1,0 +1,135 @@
+"""HTTP bootstrap: a device presents its external id and key and receives its configuration.
+
+Every attempt is recorded as an event, successful or not, with the reason of a refusal. Inactive
+devices are refused (upstream Magistrala serves them anyway; see docs/api.md).
+"""
+
+from __future__ import annotations
+
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from pilotboat.security import secure_bootstrap
+from pilotboat.security.digests import verify_secret
+from pilotboat.services import events
+from pilotboat.services.devices import DeviceService
+from pilotboat.services.errors import Forbidden, InvalidInput, NotFound, ServiceError, Unauthenticated, Unavailable
+from pilotboat.store.tables import Channel, Device, DeviceChannel, utcnow
+
+MAX_EXTERNAL_ID_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    client_id: str
+    client_secret: str
+    channels: list[dict[str, Any]]
+    content: str
+    client_cert: str
+    client_key: str
+    ca_cert: str
+
+
+@dataclass(frozen=True)
+class SecureKeys:
+    """The service-wide secure-bootstrap key as each door family derives it."""
+
+    magistrala: bytes
+    mainflux: bytes
+
+    @classmethod
+    def from_setting(cls, configured: str) -> SecureKeys:
+        return cls(secure_bootstrap.magistrala_key(configured), secure_bootstrap.mainflux_key(configured))
+
+
+class BootstrapService:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], devices: DeviceService, secure_keys: SecureKeys | None
+    ) -> None:
+        self._sessions = sessions
+        self._devices = devices
+        self._secure_keys = secure_keys
+
+    async def fetch(self, external_id: str, external_key: str | None, *, door: str) -> BootstrapConfig:
+        """The configuration of the device with ``external_id`` if ``external_key`` is its key."""
+        if not external_id or len(external_id) > MAX_EXTERNAL_ID_LENGTH:
+            raise InvalidInput("external id must be 1 to 256 characters", field="external_id")
+        if not external_key:
+            raise Unauthenticated("missing external key: send 'Authorization: Client <external_key>'")
+        async with self._sessions.begin() as session:
+            device = await session.scalar(select(Device).where(Device.external_id == external_id))
+            refusal = self._refusal(device, external_key)
+            if refusal is not None:
+                await self._refuse(session, device, external_id, door, refusal[0])
+            else:
+                assert device is not None
+                config = await self._render(session, device)
+                device.last_bootstrap_at = utcnow()
+                events.record(
+                    session, "bootstrap.succeeded", org_id=device.org_id, device_id=device.id,
+                    actor=f"device:{external_id[:64]}", door=door,
+                )
+        if refusal is not None:
+            raise refusal[1]
+        return config
+
+    @staticmethod
+    def _refusal(device: Device | None, external_key: str) -> tuple[str, ServiceError] | None:
+        """(reason recorded in the event, error for the caller), or None when the device may bootstrap."""
+        if device is None:
+            return "unknown external_id", NotFound("no config with this external id")
+        if not verify_secret(device.external_key_digest, external_key):
+            return "wrong external key", Forbidden("wrong external key")
+        if device.state != 1:
+            return "device inactive", Forbidden(
+                "device is inactive: an operator must activate it (state 1) before it can bootstrap"
+            )
+        return None
+
+    async def _render(self, session: AsyncSession, device: Device) -> BootstrapConfig:
+        rows = await session.scalars(
+            select(Channel).join(DeviceChannel, DeviceChannel.channel_id == Channel.id)
+            .where(DeviceChannel.device_id == device.id).order_by(Channel.name, Channel.id)
+        )
+        return BootstrapConfig(
+            client_id=device.id,
+            client_secret=self._devices.client_secret(device),
+            channels=[{"id": channel.id, "name": channel.name, "metadata": channel.metadata_} for channel in rows],
+            content=device.content,
+            client_cert=device.client_cert,
+            client_key=self._devices.client_key(device),
+            ca_cert=device.ca_cert,
+        )
+
+    def _cipher_key(self, family: str) -> bytes:
+        if self._secure_keys is None:
+            raise Unavailable("secure bootstrap is not configured on this server (PILOTBOAT_BOOTSTRAP_ENCRYPT_KEY)")
+        return self._secure_keys.mainflux if family == "mainflux" else self._secure_keys.magistrala
+
+    async def fetch_secure(self, external_id: str, encrypted_key_hex: str | None, *, door: str, family: str) -> BootstrapConfig:
+        """Like :meth:`fetch`, with the key sent as hex(IV ‖ AES-CFB(external_key))."""
+        key = self._cipher_key(family)
+        if not encrypted_key_hex:
+            raise Unauthenticated("missing encrypted external key: send 'Authorization: Client <hex>'")
+        try:
+            external_key = secure_bootstrap.decrypt(key, binascii.unhexlify(encrypted_key_hex)).decode()
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            async with self._sessions.begin() as session:
+                device = await session.scalar(select(Device).where(Device.external_id == external_id))
+                await self._refuse(session, device, external_id, door, "external key did not decrypt")
+            raise Forbidden("the encrypted external key is not valid") from None
+        return await self.fetch(external_id, external_key, door=door)
+
+    def encrypt_response(self, body: bytes, *, family: str) -> bytes:
+        return secure_bootstrap.encrypt(self._cipher_key(family), body)
+
+    @staticmethod
+    async def _refuse(session: AsyncSession, device: Device | None, external_id: str, door: str, reason: str) -> None:
+        events.record(
+            session, "bootstrap.failed", org_id=device.org_id if device else None, device_id=device.id if device else None,
+            actor=f"device:{external_id[:64]}", outcome="refused", reason=reason, door=door,
+        )

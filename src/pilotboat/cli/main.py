@@ -1,0 +1,96 @@
+"""The ``pilotboat`` command."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pilotboat import __version__
+from pilotboat.cli import admin, bootstrap
+from pilotboat.settings import Settings, load_settings
+
+app = typer.Typer(
+    name="pilotboat",
+    help="Pilotboat: take IoT devices from factory credentials to a managed, registered device.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(bootstrap.app, name="bootstrap")
+app.add_typer(admin.app, name="admin")
+
+err = Console(stderr=True)
+
+_SETTINGS_HELP = "\n\n".join(
+    f"[bold]PILOTBOAT_{name.upper()}[/bold]: {field.description}" for name, field in Settings.model_fields.items()
+)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@app.command(help=f"Run the server (HTTP API, bootstrap routes) on this machine.\n\nSettings come from flags and environment variables:\n\n{_SETTINGS_HELP}")
+def serve(
+    host: Annotated[str | None, typer.Option(help="HTTP listen address [env PILOTBOAT_HTTP_HOST, default 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port [env PILOTBOAT_HTTP_PORT, default 8080]")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data folder [env PILOTBOAT_DATA_DIR]")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [env PILOTBOAT_DATABASE_URL]")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR [env PILOTBOAT_LOG_LEVEL]")] = None,
+    log_format: Annotated[str | None, typer.Option(help="json or text [env PILOTBOAT_LOG_FORMAT]")] = None,
+) -> None:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from pilotboat import logs
+    from pilotboat.app import create_app, secure_keys
+    from pilotboat.security.secure_bootstrap import SecureBootstrapKeyError
+
+    try:
+        settings = load_settings(
+            http_host=host, http_port=port, data_dir=data_dir, database_url=database_url, log_level=log_level,
+            log_format=log_format,
+        )
+        secure_keys(settings)
+        application = create_app(settings)
+    except ValidationError as exc:
+        _fail(f"invalid setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+    except (SecureBootstrapKeyError, ValueError) as exc:
+        _fail(str(exc))
+    logs.configure(settings.log_level, settings.log_format)
+    err.print(f"Pilotboat {__version__} on http://{settings.http_host}:{settings.http_port} (docs at /docs)")
+    uvicorn.run(application, host=settings.http_host, port=settings.http_port, log_config=None, access_log=False,
+                server_header=False)
+
+
+@db_app.command("upgrade", help="Apply pending database migrations (also done by serve on start).")
+def db_upgrade(database_url: Annotated[str | None, typer.Option(help="[env PILOTBOAT_DATABASE_URL]")] = None) -> None:
+    from pilotboat.store import database
+
+    settings = load_settings(database_url=database_url)
+
+    async def run() -> tuple[str | None, str | None]:
+        engine = database.create_engine(settings.resolved_database_url)
+        try:
+            await database.upgrade(engine)
+            return await database.revisions(engine)
+        finally:
+            await engine.dispose()
+
+    current, head = asyncio.run(run())
+    typer.echo(f"database at revision {current} (newest: {head})")
+
+
+@app.command(help="Print the version.")
+def version() -> None:
+    typer.echo(__version__)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,35 @@
+"""Who is calling: a user, possibly through an API key restricted to one organisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pilotboat.model.roles import ROLE_PERMISSIONS, Permission, Role
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: str
+    email: str
+    is_system_admin: bool = False
+    roles: dict[str, Role] = field(default_factory=dict)
+    #: Set when authenticated by an API key bound to one organisation.
+    key_org_id: str | None = None
+
+    def visible_org_ids(self) -> list[str]:
+        if self.key_org_id is not None:
+            return [self.key_org_id] if self.key_org_id in self.roles or self.is_system_admin else []
+        return list(self.roles)
+
+    def can(self, org_id: str, permission: Permission) -> bool:
+        if self.key_org_id is not None and self.key_org_id != org_id:
+            return False
+        if self.is_system_admin:
+            return True
+        role = self.roles.get(org_id)
+        return role is not None and permission in ROLE_PERMISSIONS[role]
+
+    def is_member(self, org_id: str) -> bool:
+        if self.key_org_id is not None and self.key_org_id != org_id:
+            return False
+        return self.is_system_admin or org_id in self.roles

@@ -1,0 +1,17 @@
+"""Tenant isolation: one check used by every service method that touches an organisation."""
+
+from pilotboat.model.principal import Principal
+from pilotboat.model.roles import Permission
+from pilotboat.services.errors import Forbidden, NotFound
+
+
+def require(principal: Principal, org_id: str, permission: Permission) -> None:
+    """Raise unless ``principal`` holds ``permission`` in ``org_id``.
+
+    Non-members get NotFound, so that organisation ids of other tenants cannot be probed; members
+    lacking the permission get Forbidden.
+    """
+    if not principal.is_member(org_id):
+        raise NotFound("organisation not found")
+    if not principal.can(org_id, permission):
+        raise Forbidden(f"your role in this organisation does not allow '{permission.value}'")

@@ -1,0 +1,34 @@
+"""Service errors. Doors map them to status codes in one place (``pilotboat.api.errors``)."""
+
+
+class ServiceError(Exception):
+    """Base class: ``message`` is safe to show to the caller."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidInput(ServiceError):
+    pass
+
+
+class Unauthenticated(ServiceError):
+    pass
+
+
+class Forbidden(ServiceError):
+    pass
+
+
+class NotFound(ServiceError):
+    pass
+
+
+class Conflict(ServiceError):
+    pass
+
+
+class Unavailable(ServiceError):
+    pass

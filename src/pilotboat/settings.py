@@ -1,0 +1,75 @@
+"""Pilotboat settings: one object, read from ``PILOTBOAT_*`` environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Environment variables holding secrets: removed from ``os.environ`` once read.
+SECRET_ENV_VARS = ("PILOTBOAT_BOOTSTRAP_ENCRYPT_KEY", "PILOTBOAT_ADMIN_PASSWORD", "PILOTBOAT_MASTER_KEY")
+
+
+class Settings(BaseSettings):
+    """Every knob of a Pilotboat node. Field docs are shown by ``pilotboat serve --help``."""
+
+    model_config = SettingsConfigDict(env_prefix="PILOTBOAT_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("pilotboat-data"),
+        description="Folder for the SQLite database, the master key file and the first admin password.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL. Default: sqlite+aiosqlite:///<data_dir>/pilotboat.db. "
+        "PostgreSQL: postgresql+asyncpg://user:pass@host/db.",
+    )
+    http_host: str = Field(default="127.0.0.1", description="Address the HTTP API listens on.")
+    http_port: int = Field(default=8080, ge=0, le=65535, description="Port of the HTTP API.")
+    admin_email: str | None = Field(default=None, description="Email of the first system administrator.")
+    admin_password: SecretStr | None = Field(
+        default=None,
+        description="Password of the first system administrator (a random one is written to the data dir if unset).",
+    )
+    bootstrap_encrypt_key: SecretStr | None = Field(
+        default=None,
+        description="Service-wide AES key (16, 24 or 32 characters) for Magistrala/Mainflux secure bootstrap.",
+    )
+    master_key: SecretStr | None = Field(
+        default=None,
+        description="Base64 of 32 random bytes sealing secrets at rest. Default: a key file created in the data dir.",
+    )
+    token_ttl_seconds: int = Field(default=3600, ge=60, le=86400 * 30, description="Lifetime of access tokens.")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest accepted HTTP request body.")
+    log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_format: Literal["json", "text"] = Field(default="json", description="Log output format.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'pilotboat.db').resolve()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment (plus CLI overrides) and scrub secrets from ``os.environ``.
+
+    Removing the secret variables mirrors upstream Magistrala, which unsets its bootstrap key after
+    reading it, so child processes and crash dumps of the environment do not carry it.
+    """
+    clean = {key: value for key, value in overrides.items() if value is not None}
+    settings = Settings(**clean)
+    for name in SECRET_ENV_VARS:
+        os.environ.pop(name, None)
+    return settings
