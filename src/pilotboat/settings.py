@@ -42,7 +42,7 @@ class Settings(BaseSettings):
         default=None,
         description="Base64 of 32 random bytes sealing secrets at rest. Default: a key file created in the data dir.",
     )
-    token_ttl_seconds: int = Field(default=3600, ge=60, le=86400 * 30, description="Lifetime of access tokens.")
+    token_ttl_seconds: int = Field(default=3600, ge=1, le=86400 * 30, description="Lifetime of access tokens.")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest accepted HTTP request body.")
     log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
     log_format: Literal["json", "text"] = Field(default="json", description="Log output format.")
