@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from pilotboat.security import secure_bootstrap
+from pilotboat.security import sealed_bootstrap, secure_bootstrap
 from pilotboat.security.digests import verify_secret
 from pilotboat.services import events
 from pilotboat.services.devices import DeviceService
@@ -53,6 +53,7 @@ class BootstrapService:
         self._sessions = sessions
         self._devices = devices
         self._secure_keys = secure_keys
+        self._replay_guard = sealed_bootstrap.ReplayGuard()
 
     async def fetch(self, external_id: str, external_key: str | None, *, door: str) -> BootstrapConfig:
         """The configuration of the device with ``external_id`` if ``external_key`` is its key."""
@@ -118,14 +119,34 @@ class BootstrapService:
         try:
             external_key = secure_bootstrap.decrypt(key, binascii.unhexlify(encrypted_key_hex)).decode()
         except (ValueError, binascii.Error, UnicodeDecodeError):
-            async with self._sessions.begin() as session:
-                device = await session.scalar(select(Device).where(Device.external_id == external_id))
-                await self._refuse(session, device, external_id, door, "external key did not decrypt")
+            await self._refuse_unreadable(external_id, door, "external key did not decrypt")
             raise Forbidden("the encrypted external key is not valid") from None
         return await self.fetch(external_id, external_key, door=door)
 
     def encrypt_response(self, body: bytes, *, family: str) -> bytes:
         return secure_bootstrap.encrypt(self._cipher_key(family), body)
+
+    async def fetch_sealed(self, external_id: str, token: str | None, *, door: str) -> tuple[BootstrapConfig, bytes]:
+        """Like :meth:`fetch`, with an authenticated, timestamped, single-use key token (see
+        :mod:`pilotboat.security.sealed_bootstrap`). Returns the config and the request nonce."""
+        key = self._cipher_key("magistrala")
+        if not token:
+            raise Unauthenticated("missing sealed token: send 'Authorization: Sealed <token>'")
+        try:
+            opened = sealed_bootstrap.open_request(key, external_id, token, self._replay_guard)
+        except sealed_bootstrap.SealedRequestError as exc:
+            await self._refuse_unreadable(external_id, door, f"sealed token refused: {exc}")
+            raise Forbidden(f"the sealed token is not valid: {exc}") from None
+        return await self.fetch(external_id, opened.external_key, door=door), opened.nonce
+
+    def seal_response(self, body: bytes, external_id: str, request_nonce: bytes) -> bytes:
+        return sealed_bootstrap.seal_response(self._cipher_key("magistrala"), external_id, request_nonce, body)
+
+    async def _refuse_unreadable(self, external_id: str, door: str, reason: str) -> None:
+        """Record a refusal whose credential could not even be read."""
+        async with self._sessions.begin() as session:
+            device = await session.scalar(select(Device).where(Device.external_id == external_id))
+            await self._refuse(session, device, external_id, door, reason)
 
     @staticmethod
     async def _refuse(session: AsyncSession, device: Device | None, external_id: str, door: str, reason: str) -> None:

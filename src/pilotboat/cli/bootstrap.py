@@ -7,9 +7,10 @@ from typing import Annotated
 
 import httpx
 import typer
+from cryptography.exceptions import InvalidTag
 from rich.console import Console
 
-from pilotboat.security import secure_bootstrap
+from pilotboat.security import sealed_bootstrap, secure_bootstrap
 
 app = typer.Typer(help="Fetch a device's bootstrap configuration, as the device would.", no_args_is_help=True)
 err = Console(stderr=True)
@@ -59,4 +60,24 @@ def secure(
         _print(json.loads(secure_bootstrap.decrypt(key, body)))
     except (ValueError, UnicodeDecodeError) as exc:
         err.print("[red]error:[/red] the response did not decrypt to JSON: is the crypto key the server's?")
+        raise typer.Exit(1) from exc
+
+
+@app.command("sealed", help="Sealed bootstrap (AES-GCM, timestamped, single-use): fetch, verify and print.")
+def sealed(
+    external_id: str, external_key: str,
+    crypto_key: Annotated[str, typer.Argument(help="The server's PILOTBOAT_BOOTSTRAP_ENCRYPT_KEY")],
+    url: Url = "http://127.0.0.1:8080",
+) -> None:
+    try:
+        key = secure_bootstrap.magistrala_key(crypto_key)
+    except secure_bootstrap.SecureBootstrapKeyError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    token, nonce = sealed_bootstrap.seal_request(key, external_id, external_key)
+    body = _get(url, f"/clients/bootstrap/sealed/{external_id}", f"Sealed {token}").content
+    try:
+        _print(json.loads(sealed_bootstrap.open_response(key, external_id, nonce, body)))
+    except (ValueError, InvalidTag) as exc:
+        err.print("[red]error:[/red] the response failed authentication: wrong crypto key, or it was tampered with")
         raise typer.Exit(1) from exc

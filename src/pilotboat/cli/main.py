@@ -26,8 +26,16 @@ app.add_typer(admin.app, name="admin")
 
 err = Console(stderr=True)
 
+
+
+def _default(field: object) -> str:
+    value = getattr(field, "default", None)
+    return "unset" if value is None else str(value)
+
+
 _SETTINGS_HELP = "\n\n".join(
-    f"[bold]PILOTBOAT_{name.upper()}[/bold]: {field.description}" for name, field in Settings.model_fields.items()
+    f"[bold]PILOTBOAT_{name.upper()}[/bold] (default: {_default(field)}): {field.description}"
+    for name, field in Settings.model_fields.items()
 )
 
 
@@ -38,12 +46,12 @@ def _fail(message: str) -> None:
 
 @app.command(help=f"Run the server (HTTP API, bootstrap routes) on this machine.\n\nSettings come from flags and environment variables:\n\n{_SETTINGS_HELP}")
 def serve(
-    host: Annotated[str | None, typer.Option(help="HTTP listen address [env PILOTBOAT_HTTP_HOST, default 127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port [env PILOTBOAT_HTTP_PORT, default 8080]")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Data folder [env PILOTBOAT_DATA_DIR]")] = None,
-    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL [env PILOTBOAT_DATABASE_URL]")] = None,
-    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR [env PILOTBOAT_LOG_LEVEL]")] = None,
-    log_format: Annotated[str | None, typer.Option(help="json or text [env PILOTBOAT_LOG_FORMAT]")] = None,
+    host: Annotated[str | None, typer.Option(help="HTTP listen address (env PILOTBOAT_HTTP_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (env PILOTBOAT_HTTP_PORT)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data folder (env PILOTBOAT_DATA_DIR)")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (env PILOTBOAT_DATABASE_URL)")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (env PILOTBOAT_LOG_LEVEL)")] = None,
+    log_format: Annotated[str | None, typer.Option(help="json or text (env PILOTBOAT_LOG_FORMAT)")] = None,
 ) -> None:
     import uvicorn
     from pydantic import ValidationError
@@ -70,7 +78,7 @@ def serve(
 
 
 @db_app.command("upgrade", help="Apply pending database migrations (also done by serve on start).")
-def db_upgrade(database_url: Annotated[str | None, typer.Option(help="[env PILOTBOAT_DATABASE_URL]")] = None) -> None:
+def db_upgrade(database_url: Annotated[str | None, typer.Option(help="(env PILOTBOAT_DATABASE_URL)")] = None) -> None:
     from pilotboat.store import database
 
     settings = load_settings(database_url=database_url)

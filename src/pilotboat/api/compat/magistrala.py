@@ -1,7 +1,11 @@
 """Magistrala "classic" bootstrap API: ``/{domainID}/clients/...`` and ``/clients/bootstrap/...``."""
 
-from pilotboat.api.compat.configs import Dialect, MagistralaConfigCreate, build_router
-from pilotboat.api.deps import PrincipalDep
+import json
+
+from fastapi import Request, Response
+
+from pilotboat.api.compat.configs import Dialect, MagistralaConfigCreate, bootstrap_view, build_router
+from pilotboat.api.deps import PrincipalDep, ServicesDep
 from pilotboat.model.roles import Permission
 from pilotboat.services.access import require
 
@@ -28,3 +32,20 @@ DIALECT = Dialect(
 )
 
 router = build_router(DIALECT)
+
+
+@router.get(
+    "/clients/bootstrap/sealed/{external_id}",
+    response_class=Response,
+    tags=["bootstrap"],
+    summary="Sealed bootstrap: AES-GCM, timestamped and single-use (Pilotboat extension)",
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+async def bootstrap_sealed(external_id: str, request: Request, services: ServicesDep) -> Response:
+    """The authenticated successor of secure bootstrap; see docs/api.md for the token format."""
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    config, nonce = await services.bootstrap.fetch_sealed(
+        external_id, token.strip() if scheme.lower() == "sealed" else None, door="sealed"
+    )
+    body = json.dumps(bootstrap_view(DIALECT, config), separators=(",", ":")).encode()
+    return Response(services.bootstrap.seal_response(body, external_id, nonce), media_type="application/octet-stream")
