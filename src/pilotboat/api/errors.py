@@ -44,6 +44,13 @@ def door_family(path: str) -> str:
     return "magistrala"
 
 
+def _challenge(path: str, family: str) -> str:
+    """The scheme a 401 asks for: device bootstrap routes take ``Client``/``Thing`` keys, the rest bearer tokens."""
+    if "/bootstrap/" in path and not path.startswith("/api/"):
+        return "Thing" if family == "mainflux" else "Client"
+    return "Bearer"
+
+
 def error_response(path: str, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     family = door_family(path)
     if family == "native":
@@ -55,7 +62,7 @@ def error_response(path: str, status: int, message: str, field: str | None = Non
     else:
         body = {"message": message}
     if status == 401 and headers is None:
-        headers = {"WWW-Authenticate": "Bearer"}
+        headers = {"WWW-Authenticate": _challenge(path, family)}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -88,8 +95,7 @@ def install(app: FastAPI) -> None:
         message, field = validation_message(errors)
         malformed = bool(errors) and errors[0].get("type") == "json_invalid"
         native = door_family(request.url.path) == "native"
-        body_error = any("body" in error.get("loc", ()) for error in errors)
-        status = 422 if native and body_error and not malformed else 400
+        status = 422 if native and not malformed else 400
         return error_response(request.url.path, status, message, field)
 
     @app.exception_handler(HTTPException)

@@ -20,7 +20,7 @@ log = logging.getLogger("pilotboat.http")
 
 REQUESTS = Counter("pilotboat_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("pilotboat_http_request_seconds", "HTTP request latency", ["method", "route"])
-SWAGGER_DIR = Path(swagger_ui_bundle.__file__).parent / "vendor"
+SWAGGER_DIR = Path(str(swagger_ui_bundle.swagger_ui_path))
 
 router = APIRouter(tags=["operations"])
 

@@ -118,6 +118,8 @@ class BootstrapService:
             raise Unauthenticated("missing encrypted external key: send 'Authorization: Client <hex>'")
         try:
             external_key = secure_bootstrap.decrypt(key, binascii.unhexlify(encrypted_key_hex)).decode()
+            if not external_key:  # an IV and nothing else: a key that does not decrypt, not a missing one
+                raise ValueError("empty external key")
         except (ValueError, binascii.Error, UnicodeDecodeError):
             await self._refuse_unreadable(external_id, door, "external key did not decrypt")
             raise Forbidden("the encrypted external key is not valid") from None

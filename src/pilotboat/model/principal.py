@@ -15,6 +15,8 @@ class Principal:
     roles: dict[str, Role] = field(default_factory=dict)
     #: Set when authenticated by an API key bound to one organisation.
     key_org_id: str | None = None
+    #: Set when authenticated by an API key (restricted to an organisation or not).
+    via_api_key: bool = False
 
     def visible_org_ids(self) -> list[str]:
         if self.key_org_id is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pilotboat.model.principal import Principal
@@ -27,6 +27,8 @@ log = logging.getLogger("pilotboat.accounts")
 
 DEFAULT_ORG_NAME = "default"
 ADMIN_PASSWORD_FILE = "admin-password.txt"
+#: ``last_used_at`` of an API key is written at most this often, to keep writes off the request path.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class AccountService:
         """Resolve a bearer credential (access token or API key) to a principal."""
         key_org_id: str | None = None
         parts = split_api_key(credential)
+        via_api_key = parts is not None
         async with self._sessions() as session:
             if parts is not None:
                 key = await session.get(ApiKey, parts[0])
@@ -114,6 +117,9 @@ class AccountService:
                 ):
                     raise Unauthenticated("invalid, revoked or expired API key")
                 user_id, key_org_id = key.user_id, key.org_id
+                if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+                    await session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
+                    await session.commit()
             else:
                 try:
                     user_id = self._tokens.verify(credential)
@@ -124,7 +130,7 @@ class AccountService:
                 raise Unauthenticated("the account behind this credential no longer exists")
             rows = await session.execute(select(Membership.org_id, Membership.role).where(Membership.user_id == user.id))
             roles = {org_id: Role(role) for org_id, role in rows}
-        return Principal(user.id, user.email, user.is_system_admin, roles, key_org_id)
+        return Principal(user.id, user.email, user.is_system_admin, roles, key_org_id, via_api_key)
 
     # --- organisations ------------------------------------------------------------------------
 
@@ -181,7 +187,9 @@ class AccountService:
                 raise NotFound("organisation not found")
             user = await session.scalar(select(User).where(User.email == email))
             if user is not None:
-                if not principal.is_system_admin or await session.get(Membership, (user.id, org_id)):
+                # Only an unrestricted system administrator may attach an existing user of another org.
+                attach = principal.is_system_admin and principal.key_org_id is None
+                if not attach or await session.get(Membership, (user.id, org_id)):
                     raise Conflict(f"a user with email '{email}' already exists", field="email")
             else:
                 user = User(email=email, password_hash=hash_password(password))
@@ -244,7 +252,7 @@ class AccountService:
         self, principal: Principal, name: str, org_id: str | None, expires_in_days: int | None
     ) -> CreatedApiKey:
         """A key acting as the caller, optionally restricted to one organisation. Shown once."""
-        if principal.key_org_id is not None:
+        if principal.via_api_key or principal.key_org_id is not None:
             raise Forbidden("API keys cannot create API keys; log in with a password")
         if org_id is not None and not principal.is_member(org_id):
             raise NotFound("organisation not found")
@@ -269,7 +277,9 @@ class AccountService:
     async def revoke_api_key(self, principal: Principal, key_id: str) -> None:
         async with self._sessions.begin() as session:
             key = await session.get(ApiKey, key_id)
-            if key is None or (key.user_id != principal.user_id and not principal.is_system_admin):
+            # A system administrator may revoke anyone's key, but not through a key restricted to one org.
+            any_key = principal.is_system_admin and principal.key_org_id is None
+            if key is None or (key.user_id != principal.user_id and not any_key):
                 raise NotFound("API key not found")
             if key.revoked_at is None:
                 key.revoked_at = utcnow()

@@ -72,7 +72,7 @@ class EventService:
         if flt.device_id:
             conditions.append(Event.device_id == flt.device_id)
         if flt.kind:
-            conditions.append(Event.kind == flt.kind if not flt.kind.endswith(".") else Event.kind.startswith(flt.kind))
+            conditions.append(Event.kind == flt.kind if not flt.kind.endswith(".") else Event.kind.startswith(flt.kind, autoescape=True))
         if flt.outcome:
             conditions.append(Event.outcome == flt.outcome)
         if flt.since:

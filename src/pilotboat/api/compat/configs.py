@@ -44,8 +44,10 @@ class ConfigCreateBase(_Strict):
         return getattr(self, self.id_field)
 
     def to_input(self) -> DeviceInput:
-        columns = {"external_id": self.external_id, "name": self.name, "content": self.content,
-                   "client_cert": self.client_cert, "ca_cert": self.ca_cert}
+        # Only the fields the caller gave: attaching a config to an existing device keeps the rest.
+        columns = {"external_id": self.external_id}
+        columns.update({name: getattr(self, name) for name in ("name", "content", "client_cert", "ca_cert")
+                        if name in self.model_fields_set})
         return DeviceInput(columns=columns, external_key=self.external_key, client_key=self.client_key or None,
                            channels=self.channels)
 
@@ -88,7 +90,7 @@ class ConnectionsUpdate(_Strict):
 
 
 class StateUpdate(_Strict):
-    state: int
+    state: int = Field(strict=True)  # upstream decodes into an int: "1", true or 1.0 are 400
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pilotboat.model.roles import Role
 from pilotboat.services.devices import DeviceRecord
@@ -22,7 +22,7 @@ class TokenOut(BaseModel):
 
 
 class OrgIn(Strict):
-    name: str = Field(min_length=1, max_length=128)
+    name: str = Field(min_length=1, max_length=128, pattern=r"\S")
 
 
 class OrgOut(BaseModel):
@@ -62,6 +62,7 @@ class ApiKeyOut(BaseModel):
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    last_used_at: datetime | None
 
 
 class ApiKeyCreated(ApiKeyOut):
@@ -109,18 +110,25 @@ class DeviceFields(Strict):
     client_cert: str | None = Field(default=None, max_length=65536)
     ca_cert: str | None = Field(default=None, max_length=65536)
 
+    @field_validator("name", "content", "client_cert", "ca_cert")
+    @classmethod
+    def _not_null(cls, value: str | None) -> str | None:
+        if value is None:  # only an explicit null reaches here; these columns cannot be NULL
+            raise ValueError("may be omitted, but not null")
+        return value
+
     def columns(self) -> dict[str, Any]:
         return self.model_dump(exclude_unset=True, exclude={"external_key", "client_key", "state", "channels"})
 
 
 class DeviceIn(DeviceFields):
     client_key: str | None = Field(default=None, max_length=65536, description="Sealed at rest.")
-    state: int = Field(default=0, ge=0, le=1)
+    state: int = Field(default=0, ge=0, le=1, strict=True)
     channels: list[str] | None = None
 
 
 class StateIn(Strict):
-    state: int = Field(description="0 inactive (disconnected), 1 active (connected to its channels)")
+    state: int = Field(strict=True, description="0 inactive (disconnected), 1 active (connected to its channels)")
 
 
 class ChannelsIn(Strict):

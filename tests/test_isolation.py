@@ -1,0 +1,605 @@
+"""Tenant isolation through a real server, on each database backend.
+
+Two organisations A and B each get a channel, a device with a bootstrap config and an API key. The
+callers of A (its admin, member and viewer, an API key of A's admin restricted to A, and an API key of
+the system administrator restricted to A) then try every route of the server on B's resources: B's
+organisation id in the path or in ``X-Pilotboat-Org``, B's user, device, config, channel and API key
+ids, and A's own organisation with B's ids. Each attempt must be refused (403/404; the few exceptions
+are named in the table), no response may carry B's ids, names or secrets, and B's state, fetched by
+B's admin before and after, must not change. B's device must still bootstrap to the same answer.
+
+The route list comes from ``/openapi.json``: a route added later without a row in ``ROUTES`` (or in
+``UNSCOPED``, for the few routes that name no tenant) makes ``test_every_route_has_an_isolation_case``
+fail. Each attempt is also checked to have reached the intended route, through the per-route request
+counter of ``/metrics``, so that a mistyped path cannot pass as a 404.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from compat_helpers import device_get, new_channel, unique
+from harness import ADMIN_EMAIL, ADMIN_PASSWORD, Api, ServerProcess, Tenant, make_tenant
+
+DENIED = frozenset({403, 404})
+HTTP_METHODS = {"get", "post", "put", "patch", "delete", "head", "options"}
+
+
+# --- the two organisations ----------------------------------------------------------------------
+
+
+@dataclass
+class Org:
+    """One organisation of the test and everything created in it."""
+
+    tenant: Tenant
+    emails: dict[str, str]  # role -> email
+    channel_id: str
+    channel_name: str
+    device_id: str
+    device_name: str
+    external_id: str
+    external_key: str
+    config: dict[str, Any]  # the config body sent at creation
+    key_id: str
+    key_name: str
+    key: str
+    bootstrap: dict[str, Any]  # the device's first bootstrap answer
+
+    @property
+    def org_id(self) -> str:
+        return self.tenant.org_id
+
+    def secrets(self) -> set[str]:
+        """Every identifier, name and secret of this organisation that another tenant must never see."""
+        values = {
+            self.org_id, self.tenant.name, self.channel_id, self.channel_name, self.device_id, self.device_name,
+            self.external_id, self.external_key, self.key_id, self.key_name, self.key,
+            self.config["content"], self.config["client_cert"], self.config["client_key"], self.config["ca_cert"],
+            self.bootstrap["client_secret"],
+            *self.tenant.users.values(), *self.emails.values(),
+        }
+        return {value for value in values if value}
+
+
+def populate(server_url: str, tenant: Tenant) -> Org:
+    admin, org_id = tenant.admin, tenant.org_id
+    users = admin.get(f"/api/v1/orgs/{org_id}/users")
+    assert users.status_code == 200, users.text
+    emails = {member["role"]: member["email"] for member in users.json()}
+    channel = new_channel(admin, org_id, name=unique("chan"), metadata={"owner": tenant.name})
+    config = {
+        "external_id": unique("ext"), "external_key": unique("extkey"), "channels": [channel["id"]],
+        "name": unique("dev"), "content": unique("content"), "client_cert": unique("cert"),
+        "client_key": unique("clientkey"), "ca_cert": unique("ca"),
+    }
+    created = admin.post(f"/{org_id}/clients/configs", json=config)
+    assert created.status_code == 201, created.text
+    device_id = created.headers["location"].removeprefix("/clients/configs/")
+    activated = admin.put(f"/{org_id}/clients/state/{device_id}", json={"state": 1})
+    assert activated.status_code == 200, activated.text
+    key_name = unique("apikey")
+    key = admin.post("/api/v1/api-keys", json={"name": key_name, "org_id": org_id})
+    assert key.status_code == 201, key.text
+    bootstrap = device_get(server_url, f"/clients/bootstrap/{config['external_id']}", f"Client {config['external_key']}")
+    assert bootstrap.status_code == 200, bootstrap.text
+    assert bootstrap.json()["client_key"] == config["client_key"]
+    return Org(
+        tenant=tenant, emails=emails, channel_id=channel["id"], channel_name=channel["name"], device_id=device_id,
+        device_name=config["name"], external_id=config["external_id"], external_key=config["external_key"],
+        config=config, key_id=key.json()["id"], key_name=key_name, key=key.json()["key"], bootstrap=bootstrap.json(),
+    )
+
+
+@dataclass
+class World:
+    server: ServerProcess
+    root: Api
+    a: Org
+    b: Org
+    attackers: dict[str, Api]
+    clients: list[Api] = field(default_factory=list)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+@pytest.fixture(scope="module")
+def world(server: ServerProcess) -> Iterator[World]:
+    root = Api.login(server.url, ADMIN_EMAIL, ADMIN_PASSWORD)
+    a = populate(server.url, make_tenant(server.url, root))
+    b = populate(server.url, make_tenant(server.url, root))
+    root_key = root.post("/api/v1/api-keys", json={"name": unique("root-key"), "org_id": a.org_id})
+    assert root_key.status_code == 201, root_key.text
+    org_key = Api(server.url, a.key)
+    system_admin_key = Api(server.url, root_key.json()["key"])
+    attackers = {
+        "admin": a.tenant.admin, "member": a.tenant.member, "viewer": a.tenant.viewer,
+        "org-restricted API key": org_key, "system administrator's API key restricted to A": system_admin_key,
+    }
+    created = World(server, root, a, b, attackers,
+                    [root, org_key, system_admin_key, a.tenant.admin, a.tenant.member, a.tenant.viewer,
+                     b.tenant.admin, b.tenant.member, b.tenant.viewer])
+    yield created
+    created.close()
+
+
+# --- what an attempt is, and the table of attempts per route --------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request on a route: path parameters, query, body and headers, and the statuses allowed."""
+
+    path: dict[str, str] = field(default_factory=dict)
+    query: dict[str, str] | None = None
+    json: Any = None
+    headers: dict[str, str] | None = None
+    allowed: frozenset[int] = DENIED
+    #: The request lists A's own resources filtered by one of B's ids: 200 with nothing in it.
+    empty_list: bool = False
+
+
+def _in(org: Org, **path: str) -> dict[str, str]:
+    return {"org_id": org.org_id, **path}
+
+
+def _domain(org: Org, **path: str) -> dict[str, str]:
+    return {"domain_id": org.org_id, **path}
+
+
+def _as_b(w: World) -> dict[str, str]:
+    return {"X-Pilotboat-Org": w.b.org_id}
+
+
+def _new_config(channels: list[str], **extra: str) -> dict[str, Any]:
+    return {"external_id": unique("intruder"), "external_key": unique("key"), "channels": channels,
+            "name": "intruder", "content": "intruder", **extra}
+
+
+Cases = Callable[[World], list[Case]]
+
+# (method, path template) -> the attempts of A's callers on B's resources.
+ROUTES: dict[tuple[str, str], Cases] = {
+    # --- organisations and users ---
+    ("GET", "/api/v1/orgs/{org_id}"): lambda w: [Case(_in(w.b))],
+    ("GET", "/api/v1/orgs/{org_id}/users"): lambda w: [Case(_in(w.b))],
+    ("POST", "/api/v1/orgs/{org_id}/users"): lambda w: [
+        Case(_in(w.b), json={"email": f"{unique('intruder')}@intruder.test", "password": "intruder-password", "role": "admin"}),
+        # Emails are unique across the deployment, so adding B's admin to A is a conflict (409) at best;
+        # it must neither succeed nor attach B's user to A.
+        Case(_in(w.a), json={"email": w.b.emails["admin"], "password": "intruder-password", "role": "admin"},
+             allowed=DENIED | {409}),
+    ],
+    ("PATCH", "/api/v1/orgs/{org_id}/users/{user_id}"): lambda w: [
+        Case(_in(w.b, user_id=w.b.tenant.users["viewer"]), json={"role": "admin"}),
+        Case(_in(w.b, user_id=w.b.tenant.users["admin"]), json={"role": "viewer"}),
+        Case(_in(w.a, user_id=w.b.tenant.users["admin"]), json={"role": "viewer"}),
+    ],
+    ("DELETE", "/api/v1/orgs/{org_id}/users/{user_id}"): lambda w: [
+        Case(_in(w.b, user_id=w.b.tenant.users["viewer"])),
+        Case(_in(w.a, user_id=w.b.tenant.users["viewer"])),
+    ],
+    # --- API keys and deployment-wide events ---
+    ("POST", "/api/v1/api-keys"): lambda w: [Case(json={"name": unique("intruder-key"), "org_id": w.b.org_id})],
+    ("DELETE", "/api/v1/api-keys/{key_id}"): lambda w: [Case({"key_id": w.b.key_id})],
+    ("GET", "/api/v1/events"): lambda w: [
+        Case(allowed=frozenset({403})),
+        Case(query={"kind": "bootstrap."}, allowed=frozenset({403})),
+    ],
+    # --- native devices ---
+    ("GET", "/api/v1/orgs/{org_id}/devices"): lambda w: [
+        Case(_in(w.b)),
+        Case(_in(w.a), query={"channel_id": w.b.channel_id}, allowed=frozenset({200}), empty_list=True),
+        Case(_in(w.a), query={"external_id": w.b.external_id}, allowed=frozenset({200}), empty_list=True),
+        Case(_in(w.a), query={"name": w.b.device_name}, allowed=frozenset({200}), empty_list=True),
+    ],
+    ("POST", "/api/v1/orgs/{org_id}/devices"): lambda w: [
+        Case(_in(w.b), json={"name": "intruder"}),
+        Case(_in(w.b), json={"name": "intruder", "channels": [w.b.channel_id], "state": 1}),
+        Case(_in(w.a), json={"name": "intruder", "channels": [w.b.channel_id], "state": 1}),
+    ],
+    ("GET", "/api/v1/orgs/{org_id}/devices/{device_id}"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id)), Case(_in(w.a, device_id=w.b.device_id)),
+    ],
+    ("PATCH", "/api/v1/orgs/{org_id}/devices/{device_id}"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id), json={"name": "hijacked", "external_key": "hijacked-key"}),
+        Case(_in(w.a, device_id=w.b.device_id), json={"name": "hijacked", "external_key": "hijacked-key"}),
+    ],
+    ("DELETE", "/api/v1/orgs/{org_id}/devices/{device_id}"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id)), Case(_in(w.a, device_id=w.b.device_id)),
+    ],
+    ("PUT", "/api/v1/orgs/{org_id}/devices/{device_id}/state"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id), json={"state": 0}),
+        Case(_in(w.a, device_id=w.b.device_id), json={"state": 0}),
+    ],
+    ("PUT", "/api/v1/orgs/{org_id}/devices/{device_id}/channels"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id), json={"channels": []}),
+        Case(_in(w.a, device_id=w.b.device_id), json={"channels": []}),
+        Case(_in(w.a, device_id=w.b.device_id), json={"channels": [w.a.channel_id]}),
+        Case(_in(w.a, device_id=w.a.device_id), json={"channels": [w.b.channel_id]}),
+    ],
+    # --- native channels ---
+    ("POST", "/api/v1/orgs/{org_id}/channels"): lambda w: [Case(_in(w.b), json={"name": "intruder"})],
+    ("GET", "/api/v1/orgs/{org_id}/channels"): lambda w: [
+        Case(_in(w.b)),
+        Case(_in(w.a), query={"name": w.b.channel_name}, allowed=frozenset({200}), empty_list=True),
+    ],
+    ("GET", "/api/v1/orgs/{org_id}/channels/{channel_id}"): lambda w: [
+        Case(_in(w.b, channel_id=w.b.channel_id)), Case(_in(w.a, channel_id=w.b.channel_id)),
+    ],
+    ("PATCH", "/api/v1/orgs/{org_id}/channels/{channel_id}"): lambda w: [
+        Case(_in(w.b, channel_id=w.b.channel_id), json={"name": "hijacked", "metadata": {"hijacked": True}}),
+        Case(_in(w.a, channel_id=w.b.channel_id), json={"name": "hijacked", "metadata": {"hijacked": True}}),
+    ],
+    ("DELETE", "/api/v1/orgs/{org_id}/channels/{channel_id}"): lambda w: [
+        Case(_in(w.b, channel_id=w.b.channel_id)), Case(_in(w.a, channel_id=w.b.channel_id)),
+    ],
+    # --- native events ---
+    ("GET", "/api/v1/orgs/{org_id}/events"): lambda w: [
+        Case(_in(w.b)),
+        Case(_in(w.b), query={"device_id": w.b.device_id}),
+        Case(_in(w.a), query={"device_id": w.b.device_id}, allowed=frozenset({200}), empty_list=True),
+    ],
+    # --- Mainflux 0.13: the caller's own organisation, or the one named in X-Pilotboat-Org ---
+    ("POST", "/things/configs"): lambda w: [
+        Case(headers=_as_b(w), json=_new_config([w.b.channel_id])),
+        Case(json=_new_config([w.b.channel_id])),
+        Case(json=_new_config([w.a.channel_id], thing_id=w.b.device_id)),
+    ],
+    ("GET", "/things/configs"): lambda w: [
+        Case(headers=_as_b(w)),
+        Case(query={"external_id": w.b.external_id}, allowed=frozenset({200}), empty_list=True),
+        Case(query={"name": w.b.device_name}, allowed=frozenset({200}), empty_list=True),
+    ],
+    ("GET", "/things/configs/{config_id}"): lambda w: [
+        Case({"config_id": w.b.device_id}, headers=_as_b(w)), Case({"config_id": w.b.device_id}),
+    ],
+    ("PUT", "/things/configs/{config_id}"): lambda w: [
+        Case({"config_id": w.b.device_id}, headers=_as_b(w), json={"name": "hijacked", "content": "hijacked"}),
+        Case({"config_id": w.b.device_id}, json={"name": "hijacked", "content": "hijacked"}),
+    ],
+    ("DELETE", "/things/configs/{config_id}"): lambda w: [
+        Case({"config_id": w.b.device_id}, headers=_as_b(w)),
+        # Upstream answers 204 for a config it does not know; that is all A may learn here.
+        Case({"config_id": w.b.device_id}, allowed=DENIED | {204}),
+    ],
+    ("PATCH", "/things/configs/certs/{config_id}"): lambda w: [
+        Case({"config_id": w.b.device_id}, headers=_as_b(w), json={"client_key": "hijacked", "ca_cert": "hijacked"}),
+        Case({"config_id": w.b.device_id}, json={"client_key": "hijacked", "ca_cert": "hijacked"}),
+    ],
+    ("PUT", "/things/configs/connections/{config_id}"): lambda w: [
+        Case({"config_id": w.b.device_id}, headers=_as_b(w), json={"channels": [w.b.channel_id]}),
+        Case({"config_id": w.b.device_id}, json={"channels": [w.a.channel_id]}),
+        Case({"config_id": w.a.device_id}, json={"channels": [w.b.channel_id]}),
+    ],
+    ("PUT", "/things/state/{config_id}"): lambda w: [
+        Case({"config_id": w.b.device_id}, headers=_as_b(w), json={"state": 0}),
+        Case({"config_id": w.b.device_id}, json={"state": 0}),
+    ],
+    # --- Magistrala: the domain in the path is the organisation ---
+    ("POST", "/{domain_id}/clients/configs"): lambda w: [
+        Case(_domain(w.b), json=_new_config([w.b.channel_id])),
+        Case(_domain(w.b), json=_new_config([w.b.channel_id], client_id=w.b.device_id)),
+        Case(_domain(w.a), json=_new_config([w.b.channel_id])),
+        Case(_domain(w.a), json=_new_config([w.a.channel_id], client_id=w.b.device_id)),
+    ],
+    ("GET", "/{domain_id}/clients/configs"): lambda w: [
+        Case(_domain(w.b)),
+        Case(_domain(w.a), query={"external_id": w.b.external_id}, allowed=frozenset({200}), empty_list=True),
+        Case(_domain(w.a), query={"name": w.b.device_name}, allowed=frozenset({200}), empty_list=True),
+    ],
+    ("GET", "/{domain_id}/clients/configs/{config_id}"): lambda w: [
+        Case(_domain(w.b, config_id=w.b.device_id)), Case(_domain(w.a, config_id=w.b.device_id)),
+    ],
+    ("PUT", "/{domain_id}/clients/configs/{config_id}"): lambda w: [
+        Case(_domain(w.b, config_id=w.b.device_id), json={"name": "hijacked", "content": "hijacked"}),
+        Case(_domain(w.a, config_id=w.b.device_id), json={"name": "hijacked", "content": "hijacked"}),
+    ],
+    ("DELETE", "/{domain_id}/clients/configs/{config_id}"): lambda w: [
+        Case(_domain(w.b, config_id=w.b.device_id)),
+        # Upstream answers 204 for a config it does not know; that is all A may learn here.
+        Case(_domain(w.a, config_id=w.b.device_id), allowed=DENIED | {204}),
+    ],
+    ("PATCH", "/{domain_id}/clients/configs/certs/{config_id}"): lambda w: [
+        Case(_domain(w.b, config_id=w.b.device_id), json={"client_key": "hijacked", "client_cert": "hijacked"}),
+        Case(_domain(w.a, config_id=w.b.device_id), json={"client_key": "hijacked", "client_cert": "hijacked"}),
+    ],
+    ("PUT", "/{domain_id}/clients/configs/connections/{config_id}"): lambda w: [
+        Case(_domain(w.b, config_id=w.b.device_id), json={"channels": [w.b.channel_id]}),
+        Case(_domain(w.a, config_id=w.b.device_id), json={"channels": [w.a.channel_id]}),
+        Case(_domain(w.a, config_id=w.a.device_id), json={"channels": [w.b.channel_id]}),
+    ],
+    ("PUT", "/{domain_id}/clients/state/{config_id}"): lambda w: [
+        Case(_domain(w.b, config_id=w.b.device_id), json={"state": 0}),
+        Case(_domain(w.a, config_id=w.b.device_id), json={"state": 0}),
+    ],
+}
+
+#: Routes that name no tenant; ``test_unscoped_route`` checks each shows A nothing of B.
+UNSCOPED: frozenset[tuple[str, str]] = frozenset({
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("POST", "/api/v1/auth/token"),
+    ("GET", "/api/v1/me"),
+    ("GET", "/api/v1/orgs"),
+    ("POST", "/api/v1/orgs"),
+    ("GET", "/api/v1/api-keys"),
+    ("GET", "/clients/bootstrap/{external_id}"),
+    ("GET", "/clients/bootstrap/secure/{external_id}"),
+    ("GET", "/clients/bootstrap/sealed/{external_id}"),
+    ("GET", "/things/bootstrap/{external_id}"),
+    ("GET", "/things/bootstrap/secure/{external_id}"),
+})
+
+
+# --- checks ----------------------------------------------------------------------------------------
+
+
+def openapi_routes(server: ServerProcess) -> set[tuple[str, str]]:
+    response = httpx.get(f"{server.url}/openapi.json", timeout=30)
+    assert response.status_code == 200, response.text
+    return {
+        (method.upper(), path)
+        for path, operations in response.json()["paths"].items()
+        for method in operations
+        if method in HTTP_METHODS
+    }
+
+
+def route_hits(server: ServerProcess, method: str, template: str) -> int:
+    """How many requests the server has answered on ``method template`` (any status)."""
+    response = httpx.get(f"{server.url}/metrics", timeout=30)
+    assert response.status_code == 200, response.text
+    total = 0.0
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if (sample.name == "pilotboat_http_requests_total" and sample.labels.get("method") == method
+                    and sample.labels.get("route") == template):
+                total += sample.value
+    return int(total)
+
+
+def assert_no_leak(response: httpx.Response, secrets: set[str], sent: str, what: str) -> None:
+    """No value of ``secrets`` appears in the response, except what the caller itself sent."""
+    shown = response.text + "\n" + "\n".join(f"{name}: {value}" for name, value in response.headers.items())
+    leaked = sorted(secret for secret in secrets if secret not in sent and secret in shown)
+    assert not leaked, f"{what}: the response shows B's {leaked}: {response.status_code} {response.text[:500]}"
+
+
+def snapshot(w: World) -> dict[str, Any]:
+    """B's state, as B's own callers see it."""
+    b, org_id = w.b, w.b.org_id
+    reads: dict[str, tuple[Api, str, dict[str, Any]]] = {
+        "org": (b.tenant.admin, f"/api/v1/orgs/{org_id}", {}),
+        "orgs": (b.tenant.admin, "/api/v1/orgs", {}),
+        "users": (b.tenant.admin, f"/api/v1/orgs/{org_id}/users", {}),
+        "devices": (b.tenant.admin, f"/api/v1/orgs/{org_id}/devices", {"limit": 100}),
+        "device": (b.tenant.admin, f"/api/v1/orgs/{org_id}/devices/{b.device_id}", {}),
+        "channels": (b.tenant.admin, f"/api/v1/orgs/{org_id}/channels", {"limit": 100}),
+        "channel": (b.tenant.admin, f"/api/v1/orgs/{org_id}/channels/{b.channel_id}", {}),
+        "events": (b.tenant.admin, f"/api/v1/orgs/{org_id}/events", {"limit": 500}),
+        "configs": (b.tenant.admin, f"/{org_id}/clients/configs", {"limit": 100}),
+        "config": (b.tenant.admin, f"/{org_id}/clients/configs/{b.device_id}", {}),
+        "things": (b.tenant.admin, "/things/configs", {"limit": 100}),
+        "thing": (b.tenant.admin, f"/things/configs/{b.device_id}", {}),
+        "api-keys": (b.tenant.admin, "/api/v1/api-keys", {}),
+        "me admin": (b.tenant.admin, "/api/v1/me", {}),
+        "me member": (b.tenant.member, "/api/v1/me", {}),
+        "me viewer": (b.tenant.viewer, "/api/v1/me", {}),
+    }
+    state: dict[str, Any] = {}
+    for name, (client, path, params) in reads.items():
+        response = client.get(path, params=params)
+        assert response.status_code == 200, (name, response.status_code, response.text)
+        state[name] = response.json()
+    # When B last used its own key is B's business, and changes as B uses it (here too).
+    state["api-keys"] = [{k: v for k, v in key.items() if k != "last_used_at"} for key in state["api-keys"]]
+    with Api(w.server.url, b.key) as key_client:
+        response = key_client.get(f"/api/v1/orgs/{org_id}")
+        assert response.status_code == 200, ("B's API key no longer works", response.text)
+    return state
+
+
+def assert_b_bootstraps_as_before(w: World) -> None:
+    """B's device still bootstraps with its own key to the same configuration (secrets included)."""
+    response = device_get(w.server.url, f"/clients/bootstrap/{w.b.external_id}", f"Client {w.b.external_key}")
+    assert response.status_code == 200, response.text
+    assert response.json() == w.b.bootstrap
+
+
+def send(client: Api, method: str, path: str, case: Case) -> httpx.Response:
+    return client.request(method, path, params=case.query, json=case.json, headers=case.headers)
+
+
+# --- tests -----------------------------------------------------------------------------------------
+
+
+def test_every_route_has_an_isolation_case(server: ServerProcess) -> None:
+    routes = openapi_routes(server)
+    assert not set(ROUTES) & UNSCOPED, "a route is both tenant-scoped and not"
+    missing = sorted(routes - set(ROUTES) - UNSCOPED)
+    assert not missing, f"routes without a tenant-isolation case in ROUTES (or in UNSCOPED): {missing}"
+    stale = sorted((set(ROUTES) | UNSCOPED) - routes)
+    assert not stale, f"isolation cases for routes the server no longer has: {stale}"
+
+
+@pytest.mark.parametrize(("method", "template"), sorted(ROUTES), ids=[f"{m} {p}" for m, p in sorted(ROUTES)])
+def test_tenant_cannot_reach_another_tenant(world: World, method: str, template: str) -> None:
+    cases = ROUTES[(method, template)](world)
+    assert cases, "every route needs at least one attempt"
+    secrets = world.b.secrets()
+    before = snapshot(world)
+    hits_before = route_hits(world.server, method, template)
+    for case in cases:
+        path = template.format(**case.path)
+        sent = json.dumps([path, case.query, case.json, case.headers])
+        for who, client in world.attackers.items():
+            response = send(client, method, path, case)
+            what = f"A's {who}: {method} {path} query={case.query} body={case.json} headers={case.headers}"
+            assert response.status_code in case.allowed, (
+                f"{what}: expected one of {sorted(case.allowed)}, got {response.status_code} {response.text[:500]}"
+            )
+            assert_no_leak(response, secrets, sent, what)
+            if case.empty_list:
+                body = response.json()
+                assert body["total"] == 0, f"{what}: {body}"
+                assert not [value for key, value in body.items() if isinstance(value, list) and value], f"{what}: {body}"
+    sent_count = len(cases) * len(world.attackers)
+    assert route_hits(world.server, method, template) - hits_before == sent_count, (
+        f"not every attempt reached {method} {template}: check the path parameters of its cases"
+    )
+    assert snapshot(world) == before, "B's state changed"
+    assert_b_bootstraps_as_before(world)
+    # Nothing of B was written into A's own audit trail either.
+    events = world.a.tenant.admin.get(f"/api/v1/orgs/{world.a.org_id}/events", params={"limit": 500})
+    assert events.status_code == 200, events.text
+    assert_no_leak(events, secrets, "", "A's events")
+
+
+def _health(w: World, client: Api) -> httpx.Response:
+    response = client.get("/health")
+    assert response.status_code == 200
+    return response
+
+
+def _metrics(w: World, client: Api) -> httpx.Response:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    return response
+
+
+def _login(w: World, client: Api) -> httpx.Response:
+    # A caller of A knows B's admin's email at most: without B's password it gets no token.
+    response = client.post("/api/v1/auth/token", data={"username": w.b.emails["admin"], "password": "password-viewer"})
+    assert response.status_code == 401, response.text
+    assert "access_token" not in response.json()
+    return response
+
+
+def _me(w: World, client: Api) -> httpx.Response:
+    response = client.get("/api/v1/me")
+    assert response.status_code == 200, response.text
+    assert w.b.org_id not in response.json()["orgs"]
+    return response
+
+
+def _list_orgs(w: World, client: Api) -> httpx.Response:
+    response = client.get("/api/v1/orgs")
+    assert response.status_code == 200, response.text
+    assert [org["id"] for org in response.json()] == [w.a.org_id]
+    return response
+
+
+def _create_org(w: World, client: Api) -> httpx.Response:
+    response = client.post("/api/v1/orgs", json={"name": unique("intruder-org")})
+    assert response.status_code == 403, response.text
+    return response
+
+
+def _list_keys(w: World, client: Api) -> httpx.Response:
+    response = client.get("/api/v1/api-keys")
+    assert response.status_code == 200, response.text
+    ids = {key["id"] for key in response.json()}
+    assert w.b.key_id not in ids
+    if client is w.a.tenant.admin:
+        assert w.a.key_id in ids
+    return response
+
+
+def _bootstrap(path: str) -> Callable[[World, Api], httpx.Response]:
+    def attempt(w: World, client: Api) -> httpx.Response:
+        # The caller's bearer credential is no device key: the device routes refuse it.
+        response = client.get(path.format(external_id=w.b.external_id))
+        assert response.status_code in {401, 403, 404}, response.text
+        return response
+
+    return attempt
+
+
+UNSCOPED_CHECKS: dict[tuple[str, str], Callable[[World, Api], httpx.Response]] = {
+    ("GET", "/health"): _health,
+    ("GET", "/metrics"): _metrics,
+    ("POST", "/api/v1/auth/token"): _login,
+    ("GET", "/api/v1/me"): _me,
+    ("GET", "/api/v1/orgs"): _list_orgs,
+    ("POST", "/api/v1/orgs"): _create_org,
+    ("GET", "/api/v1/api-keys"): _list_keys,
+    **{("GET", path): _bootstrap(path) for method, path in UNSCOPED if "/bootstrap/" in path},
+}
+
+
+def test_unscoped_checks_cover_the_unscoped_routes() -> None:
+    assert set(UNSCOPED_CHECKS) == UNSCOPED
+
+
+@pytest.mark.parametrize(("method", "template"), sorted(UNSCOPED), ids=[f"{m} {p}" for m, p in sorted(UNSCOPED)])
+def test_unscoped_route_shows_nothing_of_another_tenant(world: World, method: str, template: str) -> None:
+    secrets = world.b.secrets()
+    before = snapshot(world)
+    hits_before = route_hits(world.server, method, template)
+    for who, client in world.attackers.items():
+        response = UNSCOPED_CHECKS[(method, template)](world, client)
+        sent = world.b.external_id if "/bootstrap/" in template else ""
+        if template == "/api/v1/auth/token":
+            sent = world.b.emails["admin"]
+        assert_no_leak(response, secrets, sent, f"A's {who}: {method} {template}")
+    hits = route_hits(world.server, method, template) - hits_before
+    expected = len(world.attackers) + (1 if template == "/metrics" else 0)  # route_hits itself reads /metrics
+    assert hits == expected, f"not every attempt reached {method} {template}"
+    assert snapshot(world) == before, "B's state changed"
+    assert_b_bootstraps_as_before(world)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/clients/bootstrap/{external_id}", "/things/bootstrap/{external_id}"],
+)
+def test_device_key_of_one_tenant_does_not_open_another_tenants_config(world: World, path: str) -> None:
+    """A's device key presented for B's external id is refused and shows nothing of B."""
+    scheme = "Client" if path.startswith("/clients") else "Thing"
+    response = device_get(world.server.url, path.format(external_id=world.b.external_id), f"{scheme} {world.a.external_key}")
+    assert response.status_code == 403, response.text
+    assert_no_leak(response, world.b.secrets(), world.b.external_id, f"A's device key on {path}")
+    assert_b_bootstraps_as_before(world)
+
+
+def test_api_key_restricted_to_a_sees_only_a(world: World) -> None:
+    """The system administrator's key restricted to A: everywhere else it is as good as no membership."""
+    client = world.attackers["system administrator's API key restricted to A"]
+    assert client.get(f"/api/v1/orgs/{world.a.org_id}").status_code == 200
+    assert client.get("/api/v1/events").status_code == 403
+    mainflux = client.get("/things/configs")  # the key's organisation is its only one
+    assert mainflux.status_code == 200, mainflux.text
+    assert {config["mainflux_id"] for config in mainflux.json()["configs"]} == {world.a.device_id}
+    for path in (f"/api/v1/orgs/{world.b.org_id}", f"/{world.b.org_id}/clients/configs"):
+        assert client.get(path).status_code == 404
+    # The same user without the restriction does see B (so the refusals above come from the key).
+    assert world.root.get(f"/api/v1/orgs/{world.b.org_id}").status_code == 200
+
+
+def test_global_uniqueness_reveals_existence_only(world: World) -> None:
+    """External ids and endpoints are unique across the deployment (a device bootstraps by external id
+    alone), so A reusing B's external id is a conflict. The answer names what A sent and nothing else."""
+    a, b = world.a, world.b
+    attempts = [
+        ("POST", f"/api/v1/orgs/{a.org_id}/devices", {"name": "intruder", "external_id": b.external_id, "external_key": "k"}),
+        ("POST", f"/{a.org_id}/clients/configs", _new_config([a.channel_id]) | {"external_id": b.external_id}),
+        ("PATCH", f"/api/v1/orgs/{a.org_id}/devices/{a.device_id}", {"external_id": b.external_id}),
+    ]
+    before = snapshot(world)
+    for method, path, body in attempts:
+        response = a.tenant.admin.request(method, path, json=body)
+        assert response.status_code == 409, response.text
+        assert_no_leak(response, b.secrets(), json.dumps([path, body]), f"{method} {path}")
+    assert snapshot(world) == before
+    own = a.tenant.admin.get(f"/api/v1/orgs/{a.org_id}/devices/{a.device_id}")
+    assert own.status_code == 200 and own.json()["external_id"] == a.external_id
