@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -81,3 +84,13 @@ def assert_error(response: httpx.Response, status: int, key: str) -> str:
     body = response.json()
     assert isinstance(body, dict) and isinstance(body.get(key), str) and body[key], body
     return body[key]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``pilotboat bootstrap ARGS`` in a subprocess, with no server settings inherited."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PILOTBOAT_")}
+    env["COLUMNS"] = "200"
+    return subprocess.run(
+        [sys.executable, "-m", "pilotboat.cli.main", "bootstrap", *args],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )

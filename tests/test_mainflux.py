@@ -5,14 +5,12 @@ secure-bootstrap key, and the organisation chosen from the caller (or ``X-Pilotb
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
 from compat_helpers import (
+    cli,
     assert_error,
     by_device_actor,
     connections,
@@ -350,14 +348,6 @@ def test_bootstrap_events(server: ServerProcess, root: Api, tenant: Tenant) -> N
 
 # --- the CLI with --things ----------------------------------------------------------------------
 
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PILOTBOAT_")}
-    env["COLUMNS"] = "200"
-    return subprocess.run(
-        [sys.executable, "-m", "pilotboat.cli.main", "bootstrap", *args],
-        capture_output=True, text=True, timeout=120, env=env, check=False,
-    )
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["get", "secure"])

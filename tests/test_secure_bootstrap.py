@@ -4,14 +4,11 @@ Magistrala secure route through a real server, its events, and the ``pilotboat b
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
-from compat_helpers import assert_error, by_device_actor, device_get, load_vectors, new_channel, org_events, system_events, unique
+from compat_helpers import assert_error, by_device_actor, cli, device_get, load_vectors, new_channel, org_events, system_events, unique
 from harness import ENCRYPT_KEY, Api, ServerProcess, Tenant
 from pilotboat.security import secure_bootstrap
 from pilotboat.security.secure_bootstrap import SecureBootstrapKeyError
@@ -224,14 +221,6 @@ def test_secure_route_events(server: ServerProcess, root: Api, tenant: Tenant) -
 
 # --- the CLI ------------------------------------------------------------------------------------
 
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PILOTBOAT_")}
-    env["COLUMNS"] = "200"
-    return subprocess.run(
-        [sys.executable, "-m", "pilotboat.cli.main", "bootstrap", *args],
-        capture_output=True, text=True, timeout=120, env=env, check=False,
-    )
 
 
 def one_line(text: str) -> str:

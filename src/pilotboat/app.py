@@ -103,10 +103,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     ops.install_docs(app)
+    # Routes match in order: the device-facing compat routes (the hot path) come first.
+    app.include_router(magistrala.router)
+    app.include_router(mainflux.router)
     app.include_router(ops.router)
     app.include_router(native_router.router)
-    app.include_router(mainflux.router)
-    app.include_router(magistrala.router)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, form_paths=FORM_PATHS)
     app.add_middleware(ops.RequestMetrics)
     return app

@@ -55,6 +55,13 @@ class Settings(BaseSettings):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return value
 
+    @field_validator("admin_password")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and 0 < len(value.get_secret_value()) < 8:
+            raise ValueError("must have at least 8 characters")
+        return value
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:

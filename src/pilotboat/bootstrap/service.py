@@ -18,7 +18,7 @@ from pilotboat.security.digests import verify_secret
 from pilotboat.services import events
 from pilotboat.services.devices import DeviceService
 from pilotboat.services.errors import Forbidden, InvalidInput, NotFound, ServiceError, Unauthenticated, Unavailable
-from pilotboat.store.tables import Channel, Device, DeviceChannel, utcnow
+from pilotboat.store.tables import Channel, Device, DeviceChannel
 
 MAX_EXTERNAL_ID_LENGTH = 256
 
@@ -62,16 +62,22 @@ class BootstrapService:
         if not external_key:
             raise Unauthenticated("missing external key: send 'Authorization: Client <external_key>'")
         async with self._sessions.begin() as session:
-            device = await session.scalar(select(Device).where(Device.external_id == external_id))
+            rows = list(await session.execute(
+                select(Device, Channel)
+                .outerjoin(DeviceChannel, DeviceChannel.device_id == Device.id)
+                .outerjoin(Channel, Channel.id == DeviceChannel.channel_id)
+                .where(Device.external_id == external_id)
+                .order_by(Channel.name, Channel.id)
+            ))
+            device = rows[0][0] if rows else None
             refusal = self._refusal(device, external_key)
             if refusal is not None:
                 await self._refuse(session, device, external_id, door, refusal[0])
             else:
                 assert device is not None
-                config = await self._render(session, device)
-                device.last_bootstrap_at = utcnow()
+                config = self._render(device, [channel for _, channel in rows if channel is not None])
                 events.record(
-                    session, "bootstrap.succeeded", org_id=device.org_id, device_id=device.id,
+                    session, events.BOOTSTRAP_SUCCEEDED, org_id=device.org_id, device_id=device.id,
                     actor=f"device:{external_id[:64]}", door=door,
                 )
         if refusal is not None:
@@ -91,15 +97,11 @@ class BootstrapService:
             )
         return None
 
-    async def _render(self, session: AsyncSession, device: Device) -> BootstrapConfig:
-        rows = await session.scalars(
-            select(Channel).join(DeviceChannel, DeviceChannel.channel_id == Channel.id)
-            .where(DeviceChannel.device_id == device.id).order_by(Channel.name, Channel.id)
-        )
+    def _render(self, device: Device, channels: list[Channel]) -> BootstrapConfig:
         return BootstrapConfig(
             client_id=device.id,
             client_secret=self._devices.client_secret(device),
-            channels=[{"id": channel.id, "name": channel.name, "metadata": channel.metadata_} for channel in rows],
+            channels=[{"id": channel.id, "name": channel.name, "metadata": channel.metadata_} for channel in channels],
             content=device.content,
             client_cert=device.client_cert,
             client_key=self._devices.client_key(device),

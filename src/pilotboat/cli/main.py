@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -60,6 +61,7 @@ def serve(
     from pilotboat.app import create_app, secure_keys
     from pilotboat.security.secure_bootstrap import SecureBootstrapKeyError
 
+    os.umask(0o077)  # the data dir, database and keys the server creates are private to its user
     try:
         settings = load_settings(
             http_host=host, http_port=port, data_dir=data_dir, database_url=database_url, log_level=log_level,

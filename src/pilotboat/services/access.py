@@ -1,8 +1,11 @@
 """Tenant isolation: one check used by every service method that touches an organisation."""
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from pilotboat.model.principal import Principal
 from pilotboat.model.roles import Permission
 from pilotboat.services.errors import Forbidden, NotFound
+from pilotboat.store.tables import Organisation
 
 
 def require(principal: Principal, org_id: str, permission: Permission) -> None:
@@ -15,3 +18,9 @@ def require(principal: Principal, org_id: str, permission: Permission) -> None:
         raise NotFound("organisation not found")
     if not principal.can(org_id, permission):
         raise Forbidden(f"your role in this organisation does not allow '{permission.value}'")
+
+
+async def require_org(session: AsyncSession, org_id: str) -> None:
+    """Raise NotFound unless the organisation exists (membership implies it; system admins need the check)."""
+    if await session.get(Organisation, org_id) is None:
+        raise NotFound("organisation not found")

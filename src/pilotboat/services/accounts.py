@@ -18,7 +18,7 @@ from pilotboat.security.digests import digest_secret, verify_secret
 from pilotboat.security.passwords import MIN_PASSWORD_LENGTH, hash_password, verify_password
 from pilotboat.security.tokens import TokenCodec, TokenError, new_api_key, split_api_key
 from pilotboat.services import events
-from pilotboat.services.access import require
+from pilotboat.services.access import require, require_org
 from pilotboat.services.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from pilotboat.services.transaction import writing
 from pilotboat.store.tables import ApiKey, Membership, Organisation, User, utcnow
@@ -259,6 +259,8 @@ class AccountService:
         key_id, secret, full = new_api_key()
         expires_at = utcnow() + timedelta(days=expires_in_days) if expires_in_days else None
         async with self._sessions.begin() as session:
+            if org_id is not None:
+                await require_org(session, org_id)
             key = ApiKey(
                 id=key_id, user_id=principal.user_id, name=name, org_id=org_id,
                 secret_digest=digest_secret(secret), expires_at=expires_at,

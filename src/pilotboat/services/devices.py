@@ -8,6 +8,7 @@ native API all go through this one service.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, func, select
@@ -18,10 +19,10 @@ from pilotboat.model.roles import Permission
 from pilotboat.security.digests import digest_secret, random_token
 from pilotboat.security.sealing import Sealer
 from pilotboat.services import events
-from pilotboat.services.access import require
+from pilotboat.services.access import require, require_org
 from pilotboat.services.errors import Conflict, InvalidInput, NotFound
 from pilotboat.services.transaction import writing
-from pilotboat.store.tables import Channel, Device, DeviceChannel, Organisation
+from pilotboat.store.tables import Channel, Device, DeviceChannel, Event
 
 SECRET_PURPOSE = "device.secret"
 CLIENT_KEY_PURPOSE = "device.client_key"
@@ -46,6 +47,8 @@ class ChannelLink:
 class DeviceRecord:
     device: Device
     channels: list[ChannelLink]
+    #: Time of the last successful bootstrap, read from the events (not stored twice).
+    last_bootstrap_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -90,16 +93,16 @@ class DeviceService:
         require(principal, org_id, Permission.READ)
         async with self._sessions() as session:
             device = await self._load(session, org_id, device_id, config=config)
-            return DeviceRecord(device, await self._links(session, device.id))
+            return (await self._records(session, [device]))[0]
 
     async def list(self, principal: Principal, org_id: str, flt: DeviceFilter) -> tuple[int, list[DeviceRecord]]:
         require(principal, org_id, Permission.READ)
         query = self._filtered(select(Device).where(Device.org_id == org_id), flt)
         async with self._sessions() as session:
+            await require_org(session, org_id)
             total = await session.scalar(select(func.count()).select_from(query.subquery()))
             rows = list(await session.scalars(query.order_by(Device.created_at, Device.id).offset(flt.offset).limit(flt.limit)))
-            links = await self._links_for(session, [device.id for device in rows])
-            return int(total or 0), [DeviceRecord(device, links.get(device.id, [])) for device in rows]
+            return int(total or 0), await self._records(session, rows)
 
     def client_secret(self, device: Device) -> str:
         return self._sealer.open(device.secret_sealed, SECRET_PURPOSE)
@@ -124,7 +127,7 @@ class DeviceService:
         )
         self._apply_secrets(device, data.external_key, data.client_key)
         async with self._writing() as session:
-            await self._require_org(session, org_id)
+            await require_org(session, org_id)
             await self._check_unique(session, data.columns)
             session.add(device)
             await session.flush()
@@ -134,7 +137,7 @@ class DeviceService:
                 session, kind, org_id=org_id, device_id=device.id, actor=principal.email,
                 name=device.name, external_id=device.external_id, fields=_changed_fields(data.columns),
             )
-            return DeviceRecord(device, await self._links(session, device.id)), secret
+            return (await self._records(session, [device]))[0], secret
 
     async def create_config(self, principal: Principal, org_id: str, device_id: str | None, data: DeviceInput) -> str:
         """Magistrala "create config": attach a bootstrap config to an existing device, or create the
@@ -180,7 +183,7 @@ class DeviceService:
                 raise InvalidInput("a device with an external_id needs an external_key", field="external_key")
             changed = _changed_fields(columns) + (["external_key"] if external_key is not None else [])
             events.record(session, "device.updated", org_id=org_id, device_id=device.id, actor=principal.email, fields=changed)
-            return DeviceRecord(device, await self._links(session, device.id))
+            return (await self._records(session, [device]))[0]
 
     async def update_certs(
         self, principal: Principal, org_id: str, device_id: str, *, client_cert: str | None, client_key: str | None,
@@ -257,7 +260,7 @@ class DeviceService:
     async def create_channel(self, principal: Principal, org_id: str, name: str, metadata: dict[str, Any]) -> Channel:
         require(principal, org_id, Permission.WRITE)
         async with self._writing() as session:
-            await self._require_org(session, org_id)
+            await require_org(session, org_id)
             channel = Channel(org_id=org_id, name=name, metadata_=metadata)
             session.add(channel)
             await session.flush()
@@ -277,6 +280,7 @@ class DeviceService:
         if name:
             query = query.where(func.lower(Channel.name).contains(name.lower(), autoescape=True))
         async with self._sessions() as session:
+            await require_org(session, org_id)
             total = await session.scalar(select(func.count()).select_from(query.subquery()))
             rows = await session.scalars(query.order_by(Channel.created_at, Channel.id).offset(offset).limit(limit))
             return int(total or 0), list(rows)
@@ -334,11 +338,6 @@ class DeviceService:
         return query
 
     @staticmethod
-    async def _require_org(session: AsyncSession, org_id: str) -> None:
-        if await session.get(Organisation, org_id) is None:
-            raise NotFound("organisation not found")
-
-    @staticmethod
     async def _find(session: AsyncSession, org_id: str, device_id: str) -> Device | None:
         device = await session.get(Device, device_id)
         return device if device is not None and device.org_id == org_id else None
@@ -368,8 +367,18 @@ class DeviceService:
             if await session.scalar(query) is not None:
                 raise Conflict(f"{column} '{value}' is already in use", field=column)
 
-    async def _links(self, session: AsyncSession, device_id: str) -> list[ChannelLink]:
-        return (await self._links_for(session, [device_id])).get(device_id, [])
+    async def _records(self, session: AsyncSession, devices: list[Device]) -> list[DeviceRecord]:
+        ids = [device.id for device in devices]
+        links = await self._links_for(session, ids)
+        last_bootstrap: dict[str, datetime] = {}
+        if ids:
+            rows = await session.execute(
+                select(Event.device_id, func.max(Event.created_at))
+                .where(Event.device_id.in_(ids), Event.kind == events.BOOTSTRAP_SUCCEEDED)
+                .group_by(Event.device_id)
+            )
+            last_bootstrap = dict(rows.tuples().all())
+        return [DeviceRecord(device, links.get(device.id, []), last_bootstrap.get(device.id)) for device in devices]
 
     @staticmethod
     async def _links_for(session: AsyncSession, device_ids: list[str]) -> dict[str, list[ChannelLink]]:

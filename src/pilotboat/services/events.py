@@ -16,11 +16,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pilotboat.model.principal import Principal
 from pilotboat.model.roles import Permission
-from pilotboat.services.access import require
+from pilotboat.services.access import require, require_org
 from pilotboat.services.errors import Forbidden
 from pilotboat.store.tables import Event
 
 log = logging.getLogger("pilotboat.events")
+
+#: A configuration was served to a device; a device's last bootstrap time is read from these.
+BOOTSTRAP_SUCCEEDED = "bootstrap.succeeded"
 
 
 def record(
@@ -80,6 +83,8 @@ class EventService:
         if flt.until:
             conditions.append(Event.created_at < flt.until)
         async with self._sessions() as session:
+            if org_id is not None:
+                await require_org(session, org_id)
             total = await session.scalar(select(func.count()).select_from(Event).where(*conditions))
             rows = await session.scalars(
                 select(Event).where(*conditions).order_by(Event.id.desc()).offset(flt.offset).limit(flt.limit)

@@ -124,7 +124,6 @@ class Device(Base):
     client_key_sealed: Mapped[str | None] = mapped_column(Text, nullable=True)
     ca_cert: Mapped[str] = mapped_column(Text, default="")
     state: Mapped[int] = mapped_column(Integer, default=0)
-    last_bootstrap_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 

@@ -158,6 +158,26 @@ def build_router(dialect: Dialect) -> APIRouter:
     OrgId = Annotated[str, Depends(dialect.org_dependency)]
     prefix = dialect.configs_prefix
 
+    @router.get(f"{dialect.bootstrap_prefix}/secure/{{external_id}}", response_class=Response,
+                summary="Secure bootstrap: encrypted key in, encrypted configuration out",
+                responses={200: {"content": {"application/octet-stream": {}}}})
+    async def bootstrap_secure(external_id: str, request: Request, services: ServicesDep) -> Response:
+        config = await services.bootstrap.fetch_secure(
+            external_id, device_key(dialect, request), door=f"{dialect.family}-secure", family=dialect.family
+        )
+        body = json.dumps(bootstrap_view(dialect, config), separators=(",", ":")).encode()
+        return Response(services.bootstrap.encrypt_response(body, family=dialect.family), media_type="application/octet-stream")
+
+    @router.get(f"{dialect.bootstrap_prefix}/{{external_id}}", summary="Bootstrap: get the device's configuration")
+    async def bootstrap(external_id: str, request: Request, services: ServicesDep) -> dict[str, Any]:
+        config = await services.bootstrap.fetch(external_id, device_key(dialect, request), door=dialect.family)
+        return bootstrap_view(dialect, config)
+
+    @router.get(f"{dialect.bootstrap_prefix}/", include_in_schema=False)
+    @router.get(f"{dialect.bootstrap_prefix}/secure/", include_in_schema=False)
+    async def bootstrap_without_id() -> None:
+        raise InvalidInput("missing external id in the path", field="external_id")
+
     @router.post(f"{prefix}/configs", status_code=status.HTTP_201_CREATED, response_class=Response,
                  summary="Create a config (creates the device when no id is given)")
     async def create_config(body: dialect.create_model, org_id: OrgId, services: ServicesDep,  # type: ignore[valid-type]
@@ -212,26 +232,6 @@ def build_router(dialect: Dialect) -> APIRouter:
                            principal: PrincipalDep) -> Response:
         await services.devices.set_state(principal, org_id, config_id, body.state, config=True)
         return Response(status_code=status.HTTP_200_OK)
-
-    @router.get(f"{dialect.bootstrap_prefix}/secure/{{external_id}}", response_class=Response,
-                summary="Secure bootstrap: encrypted key in, encrypted configuration out",
-                responses={200: {"content": {"application/octet-stream": {}}}})
-    async def bootstrap_secure(external_id: str, request: Request, services: ServicesDep) -> Response:
-        config = await services.bootstrap.fetch_secure(
-            external_id, device_key(dialect, request), door=f"{dialect.family}-secure", family=dialect.family
-        )
-        body = json.dumps(bootstrap_view(dialect, config), separators=(",", ":")).encode()
-        return Response(services.bootstrap.encrypt_response(body, family=dialect.family), media_type="application/octet-stream")
-
-    @router.get(f"{dialect.bootstrap_prefix}/{{external_id}}", summary="Bootstrap: get the device's configuration")
-    async def bootstrap(external_id: str, request: Request, services: ServicesDep) -> dict[str, Any]:
-        config = await services.bootstrap.fetch(external_id, device_key(dialect, request), door=dialect.family)
-        return bootstrap_view(dialect, config)
-
-    @router.get(f"{dialect.bootstrap_prefix}/", include_in_schema=False)
-    @router.get(f"{dialect.bootstrap_prefix}/secure/", include_in_schema=False)
-    async def bootstrap_without_id() -> None:
-        raise InvalidInput("missing external id in the path", field="external_id")
 
     return router
 

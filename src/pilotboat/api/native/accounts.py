@@ -39,7 +39,7 @@ async def me(principal: PrincipalDep) -> dict[str, object]:
         "id": principal.user_id,
         "email": principal.email,
         "is_system_admin": principal.is_system_admin,
-        "orgs": {org_id: role.value for org_id, role in principal.roles.items()},
+        "orgs": {org_id: principal.roles[org_id].value for org_id in principal.visible_org_ids() if org_id in principal.roles},
     }
 
 

@@ -173,7 +173,7 @@ class DeviceOut(BaseModel):
                 ChannelLinkOut(id=link.channel.id, name=link.channel.name, metadata=link.channel.metadata_, connected=link.connected)
                 for link in record.channels
             ],
-            last_bootstrap_at=device.last_bootstrap_at, created_at=device.created_at, updated_at=device.updated_at,
+            last_bootstrap_at=record.last_bootstrap_at, created_at=device.created_at, updated_at=device.updated_at,
         )
 
 
