@@ -47,9 +47,10 @@ def secure_keys(settings: Settings) -> SecureKeys | None:
 
 
 def build_runtime(settings: Settings) -> Runtime:
-    master_key, _source = load_master_key(
+    master_key, source = load_master_key(
         settings.master_key.get_secret_value() if settings.master_key else None, settings.data_dir
     )
+    log.info("master key loaded", extra={"source": source})
     sealer = Sealer(master_key)
     engine = database.create_engine(settings.resolved_database_url)
     sessions = database.session_factory(engine)

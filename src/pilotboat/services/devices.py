@@ -77,10 +77,6 @@ class DeviceInput:
     channels: list[str] | None = None
 
 
-def _changed_fields(columns: dict[str, Any]) -> list[str]:
-    return sorted(columns)
-
-
 class DeviceService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], sealer: Sealer) -> None:
         self._sessions = sessions
@@ -135,7 +131,7 @@ class DeviceService:
                 await self._replace_channels(session, device, data.channels)
             events.record(
                 session, kind, org_id=org_id, device_id=device.id, actor=principal.email,
-                name=device.name, external_id=device.external_id, fields=_changed_fields(data.columns),
+                name=device.name, external_id=device.external_id, fields=sorted(data.columns),
             )
             return (await self._records(session, [device]))[0], secret
 
@@ -181,7 +177,7 @@ class DeviceService:
                 device.external_key_digest = digest_secret(external_key)
             if device.external_id is not None and device.external_key_digest is None:
                 raise InvalidInput("a device with an external_id needs an external_key", field="external_key")
-            changed = _changed_fields(columns) + (["external_key"] if external_key is not None else [])
+            changed = sorted(columns) + (["external_key"] if external_key is not None else [])
             events.record(session, "device.updated", org_id=org_id, device_id=device.id, actor=principal.email, fields=changed)
             return (await self._records(session, [device]))[0]
 
