@@ -600,3 +600,28 @@ def test_api_key_records_its_last_use(tenant: Tenant) -> None:
         assert machine.get(f"/api/v1/orgs/{tenant.org_id}").status_code == 200
     listed = {key["id"]: key for key in tenant.admin.get("/api/v1/api-keys").json()}
     assert listed[key_id]["last_used_at"] is not None
+
+
+def test_repeated_failed_logins_are_throttled(server: ServerProcess, root: Api) -> None:
+    email = f"{unique('throttled')}@example.test"
+    default_org = next(org["id"] for org in root.get("/api/v1/orgs").json() if org["name"] == "default")
+    assert root.post(f"/api/v1/orgs/{default_org}/users", json={"email": email, "password": "right-password"}).status_code == 201
+    for _ in range(10):
+        assert login(server.url, email, "wrong-password").status_code == 401
+    refused = login(server.url, email, "right-password")
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) > 0
+    assert "too many failed log-ins" in refused.json()["detail"]
+    # Other accounts are not affected.
+    assert login(server.url, ADMIN_EMAIL, ADMIN_PASSWORD).status_code == 200
+
+
+def test_an_api_key_may_revoke_only_itself(tenant: Tenant) -> None:
+    first = tenant.admin.post("/api/v1/api-keys", json={"name": "first"}).json()
+    second = tenant.admin.post("/api/v1/api-keys", json={"name": "second"}).json()
+    with Api(str(tenant.admin.base_url).rstrip("/"), first["key"]) as machine:
+        assert machine.delete(f"/api/v1/api-keys/{second['id']}").status_code == 403
+        assert machine.delete(f"/api/v1/api-keys/{first['id']}").status_code == 204
+        assert machine.get("/api/v1/orgs").status_code == 401
+    with Api(str(tenant.admin.base_url).rstrip("/"), second["key"]) as machine:
+        assert machine.get("/api/v1/orgs").status_code == 200

@@ -21,6 +21,7 @@ from pilotboat.services.errors import (
     NotFound,
     ServiceError,
     Unauthenticated,
+    TooManyRequests,
     Unavailable,
 )
 
@@ -32,6 +33,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
+    TooManyRequests: 429,
     Unavailable: 503,
 }
 
@@ -87,7 +89,8 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(request.url.path, STATUS_BY_ERROR.get(type(exc), 400), exc.message, exc.field)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyRequests) else None
+        return error_response(request.url.path, STATUS_BY_ERROR.get(type(exc), 400), exc.message, exc.field, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

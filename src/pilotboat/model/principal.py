@@ -17,6 +17,8 @@ class Principal:
     key_org_id: str | None = None
     #: Set when authenticated by an API key (restricted to an organisation or not).
     via_api_key: bool = False
+    #: The id of that API key.
+    api_key_id: str | None = None
 
     def visible_org_ids(self) -> list[str]:
         if self.key_org_id is not None:

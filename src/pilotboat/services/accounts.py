@@ -19,7 +19,8 @@ from pilotboat.security.passwords import MIN_PASSWORD_LENGTH, hash_password, ver
 from pilotboat.security.tokens import TokenCodec, TokenError, new_api_key, split_api_key
 from pilotboat.services import events
 from pilotboat.services.access import require, require_org
-from pilotboat.services.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
+from pilotboat.security.throttle import FailureThrottle
+from pilotboat.services.errors import Conflict, Forbidden, InvalidInput, NotFound, TooManyRequests, Unauthenticated
 from pilotboat.services.transaction import writing
 from pilotboat.store.tables import ApiKey, Membership, Organisation, User, utcnow
 
@@ -58,6 +59,7 @@ class AccountService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], tokens: TokenCodec) -> None:
         self._sessions = sessions
         self._tokens = tokens
+        self._login_failures = FailureThrottle()
 
     # --- start-up -----------------------------------------------------------------------------
 
@@ -94,10 +96,18 @@ class AccountService:
     # --- authentication -----------------------------------------------------------------------
 
     async def login(self, email: str, password: str) -> IssuedToken:
+        """Password log-in. After repeated failures an email is refused for a while (per node), which
+        bounds online password guessing; client addresses are not used (proxies share them)."""
+        email = email.strip().lower()
+        wait = self._login_failures.retry_after(email)
+        if wait:
+            raise TooManyRequests(f"too many failed log-ins for this account; try again in {wait} s", retry_after=wait)
         async with self._sessions() as session:
-            user = await session.scalar(select(User).where(User.email == email.strip().lower()))
+            user = await session.scalar(select(User).where(User.email == email))
         if not verify_password(user.password_hash if user else None, password) or user is None:
+            self._login_failures.failed(email)
             raise Unauthenticated("wrong email or password")
+        self._login_failures.succeeded(email)
         return IssuedToken(self._tokens.issue(user.id), self._tokens.ttl_seconds)
 
     async def authenticate(self, credential: str) -> Principal:
@@ -130,7 +140,7 @@ class AccountService:
                 raise Unauthenticated("the account behind this credential no longer exists")
             rows = await session.execute(select(Membership.org_id, Membership.role).where(Membership.user_id == user.id))
             roles = {org_id: Role(role) for org_id, role in rows}
-        return Principal(user.id, user.email, user.is_system_admin, roles, key_org_id, via_api_key)
+        return Principal(user.id, user.email, user.is_system_admin, roles, key_org_id, via_api_key, parts[0] if parts else None)
 
     # --- organisations ------------------------------------------------------------------------
 
@@ -277,12 +287,16 @@ class AccountService:
             return list(rows)
 
     async def revoke_api_key(self, principal: Principal, key_id: str) -> None:
+        """Revoke one of the caller's keys (any key, for an unrestricted system administrator). Through
+        an API key, only that key itself may be revoked."""
         async with self._sessions.begin() as session:
             key = await session.get(ApiKey, key_id)
             # A system administrator may revoke anyone's key, but not through a key restricted to one org.
             any_key = principal.is_system_admin and principal.key_org_id is None
             if key is None or (key.user_id != principal.user_id and not any_key):
                 raise NotFound("API key not found")
+            if principal.via_api_key and principal.api_key_id != key_id:
+                raise Forbidden("an API key may revoke only itself; log in with a password to revoke others")
             if key.revoked_at is None:
                 key.revoked_at = utcnow()
                 events.record(session, "apikey.revoked", org_id=key.org_id, actor=principal.email, key_id=key_id)

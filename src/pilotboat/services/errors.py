@@ -32,3 +32,9 @@ class Conflict(ServiceError):
 
 class Unavailable(ServiceError):
     pass
+
+
+class TooManyRequests(ServiceError):
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
