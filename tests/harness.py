@@ -56,20 +56,22 @@ class PostgresCluster:
             return
         self.directory = tempfile.mkdtemp(prefix="pilotboat-pg-")
         self.port = free_port()
-        run_as: list[str] = []
-        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        # PostgreSQL refuses to run as root: then run it as 'postgres' (set on the process itself, so
+        # that the stop signal reaches the server and not a wrapper such as runuser).
+        run_as: dict[str, Any] = {}
+        if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")
             os.chown(self.directory, user.pw_uid, user.pw_gid)
-            run_as = ["runuser", "-u", "postgres", "--"]
+            run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "cwd": self.directory}
         data = os.path.join(self.directory, "data")
         subprocess.run(
-            [*run_as, _postgres_bin("initdb"), "-D", data, "-U", "pilotboat", "--auth=trust", "-E", "UTF8"],
-            check=True, stdout=subprocess.DEVNULL,
+            [_postgres_bin("initdb"), "-D", data, "-U", "pilotboat", "--auth=trust", "-E", "UTF8"],
+            check=True, stdout=subprocess.DEVNULL, **run_as,
         )
         self.process = subprocess.Popen(
-            [*run_as, _postgres_bin("postgres"), "-D", data, "-h", "127.0.0.1", "-p", str(self.port),
+            [_postgres_bin("postgres"), "-D", data, "-h", "127.0.0.1", "-p", str(self.port),
              "-k", self.directory, "-c", "fsync=off", "-c", "max_connections=200"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **run_as,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
