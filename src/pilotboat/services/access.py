@@ -4,7 +4,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pilotboat.model.principal import Principal
 from pilotboat.model.roles import Permission
-from pilotboat.services.errors import Forbidden, NotFound
+from pilotboat.services.errors import Forbidden, InvalidInput, NotFound
 from pilotboat.store.tables import Organisation
 
 
@@ -24,3 +24,17 @@ async def require_org(session: AsyncSession, org_id: str) -> None:
     """Raise NotFound unless the organisation exists (membership implies it; system admins need the check)."""
     if await session.get(Organisation, org_id) is None:
         raise NotFound("organisation not found")
+
+
+def caller_org(principal: Principal, requested: str | None, *, named_by: str) -> str:
+    """The organisation a call acts in when the route names none: ``requested`` if given (and
+    visible), else the caller's only organisation. ``named_by`` is where a caller names one."""
+    if requested:
+        require(principal, requested, Permission.READ)
+        return requested
+    orgs = principal.visible_org_ids()
+    if len(orgs) == 1:
+        return orgs[0]
+    if not orgs:
+        raise NotFound("you belong to no organisation")
+    raise InvalidInput(f"you belong to several organisations: name one in the {named_by} header", field=named_by)

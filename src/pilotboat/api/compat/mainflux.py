@@ -6,27 +6,17 @@ from fastapi import Header
 
 from pilotboat.api.compat.configs import Dialect, MainfluxConfigCreate, build_router
 from pilotboat.api.deps import PrincipalDep
-from pilotboat.model.roles import Permission
-from pilotboat.services.access import require
-from pilotboat.services.errors import InvalidInput, NotFound
+from pilotboat.services.access import caller_org
 
 ORG_HEADER = "X-Pilotboat-Org"
 
 
-async def caller_org(
+async def org_of_caller(
     principal: PrincipalDep,
     x_pilotboat_org: Annotated[str | None, Header(description="Organisation id, for callers in several")] = None,
 ) -> str:
-    """Mainflux paths name no tenant: use the caller's only organisation, or the one in X-Pilotboat-Org."""
-    if x_pilotboat_org:
-        require(principal, x_pilotboat_org, Permission.READ)
-        return x_pilotboat_org
-    orgs = principal.visible_org_ids()
-    if len(orgs) == 1:
-        return orgs[0]
-    if not orgs:
-        raise NotFound("you belong to no organisation")
-    raise InvalidInput(f"you belong to several organisations: name one in the {ORG_HEADER} header", field=ORG_HEADER)
+    """Mainflux paths name no tenant: the caller's only organisation, or the one in X-Pilotboat-Org."""
+    return caller_org(principal, x_pilotboat_org, named_by=ORG_HEADER)
 
 
 DIALECT = Dialect(
@@ -41,7 +31,7 @@ DIALECT = Dialect(
     create_model=MainfluxConfigCreate,
     device_schemes=("thing",),
     bare_device_key=True,
-    org_dependency=caller_org,
+    org_dependency=org_of_caller,
 )
 
 router = build_router(DIALECT)
