@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,12 +17,17 @@ from pilotboat.api.body_guard import BodyGuard
 from pilotboat.api.compat import magistrala, mainflux
 from pilotboat.api.native import router as native_router
 from pilotboat.bootstrap.service import BootstrapService, SecureKeys
-from pilotboat.security.sealing import Sealer, load_master_key
+from pilotboat.security.sealing import Sealer, load_master_keys
 from pilotboat.security.tokens import TokenCodec
 from pilotboat.services.accounts import AccountService
+from pilotboat.services.authorities import AuthorityService
+from pilotboat.services.certificates import CertificateService
 from pilotboat.services.container import Services
 from pilotboat.services.devices import DeviceService
 from pilotboat.services.events import EventService
+from pilotboat.services.keyring import KeyringService
+from pilotboat.services.psks import PskService
+from pilotboat.services.trust import TrustService
 from pilotboat.settings import Settings
 from pilotboat.store import database
 
@@ -47,27 +53,43 @@ def secure_keys(settings: Settings) -> SecureKeys | None:
 
 
 def build_runtime(settings: Settings) -> Runtime:
-    master_key, source = load_master_key(
-        settings.master_key.get_secret_value() if settings.master_key else None, settings.data_dir
-    )
-    log.info("master key loaded", extra={"source": source})
-    sealer = Sealer(master_key)
+    master_keys = load_master_keys(settings.master_key.get_secret_value() if settings.master_key else None, settings.data_dir)
+    sealer = Sealer(master_keys)
+    log.info("master keys loaded", extra={"source": master_keys.source, "sealing_key": sealer.key_id, "keys": len(master_keys.keys)})
     engine = database.create_engine(settings.resolved_database_url)
     sessions = database.session_factory(engine)
-    tokens = TokenCodec(sealer.derive("pilotboat access tokens v1"), settings.token_ttl_seconds)
+    tokens = TokenCodec(sealer, settings.token_ttl_seconds)
     devices = DeviceService(sessions, sealer)
+    authorities = AuthorityService(sessions, sealer)
     services = Services(
-        accounts=AccountService(sessions, tokens),
+        accounts=AccountService(sessions, tokens, authorities),
         devices=devices,
         bootstrap=BootstrapService(sessions, devices, secure_keys(settings)),
         events=EventService(sessions),
+        authorities=authorities,
+        certificates=CertificateService(sessions, sealer, authorities),
+        psks=PskService(sessions, sealer),
+        trust=TrustService(sessions),
+        keyring=KeyringService(sessions, sealer),
     )
     return Runtime(engine, services)
 
 
+class WrongMasterKey(RuntimeError):
+    """The database holds secrets sealed under master keys this node does not have."""
+
+
 async def start(settings: Settings, runtime: Runtime) -> None:
-    """Migrate the database and create the first administrator when there is none."""
+    """Migrate the database, check the master key against it, create the first administrator when
+    there is none and a CA for every organisation without one."""
     await database.upgrade(runtime.engine)
+    unknown = await runtime.services.keyring.unknown_key_ids()
+    if unknown:
+        raise WrongMasterKey(
+            f"the database holds secrets sealed under master key(s) {', '.join(sorted(unknown))}, which this node does not "
+            f"have (its keys: {', '.join(runtime.services.keyring.sealer.key_ids)}). Set PILOTBOAT_MASTER_KEY, or restore "
+            "master.key in the data directory, to the key this database was sealed with."
+        )
     created = await runtime.services.accounts.ensure_first_admin(
         settings.admin_email,
         settings.admin_password.get_secret_value() if settings.admin_password else None,
@@ -80,6 +102,9 @@ async def start(settings: Settings, runtime: Runtime) -> None:
             message = f"created system administrator {created.email} with the configured password"
         log.warning(message)
         print(message, flush=True)
+    created_cas = await runtime.services.authorities.ensure_all()
+    if created_cas:
+        log.info("created organisation CAs", extra={"count": created_cas})
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -87,7 +112,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await start(settings, runtime)
+        try:
+            await start(settings, runtime)
+        except WrongMasterKey as exc:
+            log.error(str(exc))
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise
         log.info("pilotboat ready", extra={"version": __version__, "database": runtime.engine.url.get_backend_name()})
         yield
         await runtime.engine.dispose()

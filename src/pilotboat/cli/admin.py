@@ -39,6 +39,11 @@ def _run(action: Callable[..., Awaitable[T]]) -> T:
     async def go() -> T:
         try:
             await database.upgrade(runtime.engine)
+            unknown = await runtime.services.keyring.unknown_key_ids()
+            if unknown:
+                err.print(f"[red]error:[/red] the database holds secrets sealed under master key(s) {', '.join(sorted(unknown))}, "
+                          "which this machine does not have: set PILOTBOAT_MASTER_KEY or restore master.key in the data dir")
+                raise typer.Exit(1)
             return await action(runtime.services)
         finally:
             await runtime.engine.dispose()
@@ -80,9 +85,9 @@ def users_list(org: Annotated[str, typer.Argument(help="Organisation name or id"
     async def action(services: object) -> list:
         return await services.accounts.list_members(OPERATOR, await _org_id(services, org))  # type: ignore[attr-defined]
 
-    table = Table("id", "email", "role", "system admin")
-    for user, role in _run(action):
-        table.add_row(user.id, user.email, role.value, "yes" if user.is_system_admin else "")
+    table = Table("id", "email", "role", "granted", "system admin")
+    for user, role, grants in _run(action):
+        table.add_row(user.id, user.email, role.value, ", ".join(sorted(grants)), "yes" if user.is_system_admin else "")
     console.print(table)
 
 

@@ -1,4 +1,8 @@
-"""Access tokens (short-lived JWTs signed with a key derived from the master key) and API keys."""
+"""Access tokens (short-lived JWTs signed with a key derived from the master key) and API keys.
+
+A token names (``kid``) the master key its signing key was derived from, so tokens issued before a
+master-key rotation stay valid until they expire.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,12 @@ from dataclasses import dataclass
 
 import jwt
 
+from pilotboat.security.sealing import Sealer, SealError
+
 API_KEY_PREFIX = "pbk_"
 _ALGORITHM = "HS256"
 _AUDIENCE = "pilotboat-api"
+_KEY_LABEL = "pilotboat access tokens v1"
 
 
 class TokenError(ValueError):
@@ -20,21 +27,24 @@ class TokenError(ValueError):
 
 @dataclass(frozen=True)
 class TokenCodec:
-    signing_key: bytes
+    sealer: Sealer
     ttl_seconds: int
 
     def issue(self, user_id: str) -> str:
         now = int(time.time())
         claims = {"sub": user_id, "iat": now, "exp": now + self.ttl_seconds, "jti": uuid.uuid4().hex, "aud": _AUDIENCE}
-        return jwt.encode(claims, self.signing_key, algorithm=_ALGORITHM)
+        kid = self.sealer.key_id
+        return jwt.encode(claims, self.sealer.derive(_KEY_LABEL, kid), algorithm=_ALGORITHM, headers={"kid": kid})
 
     def verify(self, token: str) -> str:
         """The user id inside a valid, unexpired token."""
         try:
+            kid = jwt.get_unverified_header(token).get("kid")
+            key = self.sealer.derive(_KEY_LABEL, kid if isinstance(kid, str) else None)
             claims = jwt.decode(
-                token, self.signing_key, algorithms=[_ALGORITHM], audience=_AUDIENCE, options={"require": ["exp", "sub"]}
+                token, key, algorithms=[_ALGORITHM], audience=_AUDIENCE, options={"require": ["exp", "sub"]}
             )
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, SealError) as exc:
             raise TokenError(str(exc)) from exc
         return str(claims["sub"])
 

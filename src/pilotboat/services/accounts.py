@@ -13,12 +13,13 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pilotboat.model.principal import Principal
-from pilotboat.model.roles import Permission, Role
+from pilotboat.model.roles import GRANTABLE, ROLE_PERMISSIONS, Permission, Role
 from pilotboat.security.digests import digest_secret, verify_secret
 from pilotboat.security.passwords import MIN_PASSWORD_LENGTH, hash_password, verify_password
 from pilotboat.security.tokens import TokenCodec, TokenError, new_api_key, split_api_key
 from pilotboat.services import events
 from pilotboat.services.access import require, require_org
+from pilotboat.services.authorities import AuthorityService
 from pilotboat.security.throttle import FailureThrottle
 from pilotboat.services.errors import Conflict, Forbidden, InvalidInput, NotFound, TooManyRequests, Unauthenticated
 from pilotboat.services.transaction import writing
@@ -55,10 +56,35 @@ def _check_password(password: str) -> None:
         raise InvalidInput(f"password must have at least {MIN_PASSWORD_LENGTH} characters", field="password")
 
 
+@dataclass(frozen=True)
+class MembershipView:
+    org: Organisation
+    role: Role
+    grants: frozenset[Permission]
+
+    @property
+    def permissions(self) -> frozenset[Permission]:
+        return ROLE_PERMISSIONS[self.role] | self.grants
+
+
+@dataclass(frozen=True)
+class MembershipChange:
+    """A change of one user's membership: a new role and/or the full set of granted permissions."""
+
+    org_id: str
+    role: Role | None = None
+    grants: frozenset[Permission] | None = None
+
+
+def _grants(values: list[str] | None) -> frozenset[Permission]:
+    return frozenset(Permission(value) for value in values or () if value in Permission.__members__.values())
+
+
 class AccountService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], tokens: TokenCodec) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], tokens: TokenCodec, authorities: AuthorityService) -> None:
         self._sessions = sessions
         self._tokens = tokens
+        self._authorities = authorities
         self._login_failures = FailureThrottle()
 
     # --- start-up -----------------------------------------------------------------------------
@@ -86,6 +112,8 @@ class AccountService:
             if org is None:
                 org = Organisation(name=DEFAULT_ORG_NAME)
                 session.add(org)
+                await session.flush()
+                self._authorities.create_for(session, org)
             session.add(user)
             await session.flush()
             session.add(Membership(user_id=user.id, org_id=org.id, role=Role.ADMIN))
@@ -138,16 +166,21 @@ class AccountService:
             user = await session.get(User, user_id)
             if user is None:
                 raise Unauthenticated("the account behind this credential no longer exists")
-            rows = await session.execute(select(Membership.org_id, Membership.role).where(Membership.user_id == user.id))
-            roles = {org_id: Role(role) for org_id, role in rows}
-        return Principal(user.id, user.email, user.is_system_admin, roles, key_org_id, via_api_key, parts[0] if parts else None)
+            rows = list(await session.execute(
+                select(Membership.org_id, Membership.role, Membership.grants).where(Membership.user_id == user.id)
+            ))
+        roles = {org_id: Role(role) for org_id, role, _ in rows}
+        grants = {org_id: _grants(granted) for org_id, _, granted in rows if granted}
+        return Principal(
+            user.id, user.email, user.is_system_admin, roles, key_org_id, via_api_key, parts[0] if parts else None, grants
+        )
 
     # --- organisations ------------------------------------------------------------------------
 
     async def list_orgs(self, principal: Principal) -> list[Organisation]:
         async with self._sessions() as session:
             query = select(Organisation).order_by(Organisation.name)
-            if not principal.is_system_admin or principal.key_org_id is not None:
+            if not principal.acts_as_system_admin:
                 query = query.where(Organisation.id.in_(principal.visible_org_ids()))
             return list(await session.scalars(query))
 
@@ -160,7 +193,7 @@ class AccountService:
         return org
 
     async def create_org(self, principal: Principal, name: str) -> Organisation:
-        if not principal.is_system_admin or principal.key_org_id is not None:
+        if not principal.acts_as_system_admin:
             raise Forbidden("only system administrators create organisations")
         name = name.strip()
         if not name:
@@ -171,21 +204,22 @@ class AccountService:
             org = Organisation(name=name)
             session.add(org)
             await session.flush()
+            self._authorities.create_for(session, org)
             events.record(session, "org.created", org_id=org.id, actor=principal.email, name=name)
         return org
 
     # --- users --------------------------------------------------------------------------------
 
-    async def list_members(self, principal: Principal, org_id: str) -> list[tuple[User, Role]]:
+    async def list_members(self, principal: Principal, org_id: str) -> list[tuple[User, Role, frozenset[Permission]]]:
         await self.get_org(principal, org_id)
         async with self._sessions() as session:
             rows = await session.execute(
-                select(User, Membership.role)
+                select(User, Membership.role, Membership.grants)
                 .join(Membership, Membership.user_id == User.id)
                 .where(Membership.org_id == org_id)
                 .order_by(User.email)
             )
-            return [(user, Role(role)) for user, role in rows]
+            return [(user, Role(role), _grants(grants)) for user, role, grants in rows]
 
     async def add_member(self, principal: Principal, org_id: str, email: str, password: str, role: Role) -> User:
         """Create a user in ``org_id``. A system administrator may also add an existing user."""
@@ -198,7 +232,7 @@ class AccountService:
             user = await session.scalar(select(User).where(User.email == email))
             if user is not None:
                 # Only an unrestricted system administrator may attach an existing user of another org.
-                attach = principal.is_system_admin and principal.key_org_id is None
+                attach = principal.acts_as_system_admin
                 if not attach or await session.get(Membership, (user.id, org_id)):
                     raise Conflict(f"a user with email '{email}' already exists", field="email")
             else:
@@ -209,16 +243,61 @@ class AccountService:
             events.record(session, "user.added", org_id=org_id, actor=principal.email, email=email, role=role.value)
             return user
 
-    async def set_role(self, principal: Principal, org_id: str, user_id: str, role: Role) -> None:
-        require(principal, org_id, Permission.MANAGE_USERS)
+    async def set_role(self, principal: Principal, org_id: str, user_id: str, role: Role | None,
+                       grants: frozenset[Permission] | None = None) -> None:
+        await self.change_memberships(principal, user_id, [MembershipChange(org_id, role, grants)])
+
+    async def change_memberships(self, principal: Principal, user_id: str, changes: list[MembershipChange]) -> None:
+        """Change a user's role and granted permissions in several organisations, all or nothing.
+
+        The caller needs ``manage_users`` in each, and may grant only permissions it holds there.
+        """
+        for change in changes:
+            require(principal, change.org_id, Permission.MANAGE_USERS)
+            if change.role is None and change.grants is None:
+                raise InvalidInput("give a role, granted permissions or both", field="role")
+            for permission in change.grants or ():
+                if permission not in GRANTABLE:
+                    raise InvalidInput(f"'{permission.value}' comes with a role and cannot be granted alone", field="permissions")
+                if not principal.can(change.org_id, permission):
+                    raise Forbidden(f"you cannot grant '{permission.value}', which you do not hold yourself")
         async with self._sessions.begin() as session:
-            membership = await session.get(Membership, (user_id, org_id))
-            if membership is None:
-                raise NotFound("user not found in this organisation")
-            if membership.role == Role.ADMIN and role != Role.ADMIN:
-                await self._keep_one_admin(session, org_id, user_id)
-            membership.role = role
-            events.record(session, "user.role_changed", org_id=org_id, actor=principal.email, user_id=user_id, role=role.value)
+            for change in changes:
+                membership = await session.get(Membership, (user_id, change.org_id))
+                if membership is None:
+                    raise NotFound("user not found in this organisation")
+                if change.role is not None:
+                    if membership.role == Role.ADMIN and change.role != Role.ADMIN:
+                        await self._keep_one_admin(session, change.org_id, user_id)
+                    membership.role = change.role
+                if change.grants is not None:
+                    membership.grants = sorted(grant.value for grant in change.grants)
+                detail: dict[str, object] = {"user_id": user_id}
+                if change.role is not None:
+                    detail["role"] = change.role.value
+                if change.grants is not None:
+                    detail["grants"] = list(membership.grants)
+                kind = "user.role_changed" if change.role is not None else "user.permissions_changed"
+                events.record(session, kind, org_id=change.org_id, actor=principal.email, **detail)
+
+    async def get_user(self, principal: Principal, user_id: str) -> tuple[User, list[MembershipView]]:
+        """A user and the memberships the caller may see: all of its own, those in organisations where
+        the caller manages users, or all for a system administrator."""
+        async with self._sessions() as session:
+            user = await session.get(User, user_id)
+            rows = list(await session.execute(
+                select(Organisation, Membership.role, Membership.grants)
+                .join(Membership, Membership.org_id == Organisation.id)
+                .where(Membership.user_id == user_id).order_by(Organisation.name)
+            ))
+        myself = user_id == principal.user_id and principal.key_org_id is None
+        visible = [
+            MembershipView(org, Role(role), _grants(grants)) for org, role, grants in rows
+            if myself or principal.can(org.id, Permission.MANAGE_USERS)
+        ]
+        if user is None or not (visible or myself or principal.acts_as_system_admin):
+            raise NotFound("user not found")
+        return user, visible
 
     async def remove_member(self, principal: Principal, org_id: str, user_id: str) -> None:
         """Remove a user from an organisation; the account goes too when it belongs nowhere else."""
@@ -292,7 +371,7 @@ class AccountService:
         async with self._sessions.begin() as session:
             key = await session.get(ApiKey, key_id)
             # A system administrator may revoke anyone's key, but not through a key restricted to one org.
-            any_key = principal.is_system_admin and principal.key_org_id is None
+            any_key = principal.acts_as_system_admin
             if key is None or (key.user_id != principal.user_id and not any_key):
                 raise NotFound("API key not found")
             if principal.via_api_key and principal.api_key_id != key_id:

@@ -6,8 +6,13 @@ from dataclasses import dataclass
 
 from pilotboat.bootstrap.service import BootstrapService
 from pilotboat.services.accounts import AccountService
+from pilotboat.services.authorities import AuthorityService
+from pilotboat.services.certificates import CertificateService
 from pilotboat.services.devices import DeviceService
 from pilotboat.services.events import EventService
+from pilotboat.services.keyring import KeyringService
+from pilotboat.services.psks import PskService
+from pilotboat.services.trust import TrustService
 
 
 @dataclass(frozen=True)
@@ -16,3 +21,8 @@ class Services:
     devices: DeviceService
     bootstrap: BootstrapService
     events: EventService
+    authorities: AuthorityService
+    certificates: CertificateService
+    psks: PskService
+    trust: TrustService
+    keyring: KeyringService

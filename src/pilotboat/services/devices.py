@@ -20,6 +20,7 @@ from pilotboat.security.digests import digest_secret, random_token
 from pilotboat.security.sealing import Sealer
 from pilotboat.services import events
 from pilotboat.services.access import require, require_org
+from pilotboat.services.certificates import revoke_for_device
 from pilotboat.services.errors import Conflict, InvalidInput, NotFound
 from pilotboat.services.transaction import writing
 from pilotboat.store.tables import Channel, Device, DeviceChannel, Event
@@ -232,8 +233,12 @@ class DeviceService:
                 if missing_ok:
                     return
                 raise NotFound("device not found")
+            revoked = await revoke_for_device(session, device.id)
             await session.delete(device)
-            events.record(session, "device.deleted", org_id=org_id, device_id=device_id, actor=principal.email, name=device.name)
+            events.record(
+                session, "device.deleted", org_id=org_id, device_id=device_id, actor=principal.email, name=device.name,
+                certificates_revoked=revoked,
+            )
 
     async def remove_config(self, principal: Principal, org_id: str, device_id: str) -> None:
         """Magistrala "remove config": the bootstrap config goes and the device is disconnected;

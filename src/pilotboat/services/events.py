@@ -66,7 +66,7 @@ class EventService:
         """Events of one organisation, newest first; ``org_id=None`` (system administrators only) lists
         deployment-wide events, including bootstrap attempts that matched no device."""
         if org_id is None:
-            if not principal.is_system_admin or principal.key_org_id is not None:
+            if not principal.acts_as_system_admin:
                 raise Forbidden("deployment-wide events are for system administrators")
             conditions = []
         else:

@@ -56,6 +56,10 @@ class Organisation(Base):
 
     id: Mapped[str] = mapped_column(UUID, primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(128), unique=True)
+    #: Validity of device certificates issued by the organisation's CA.
+    cert_validity_days: Mapped[int] = mapped_column(Integer, default=365)
+    #: Keep a sealed copy of server-generated device keys (for bootstrap provisioning).
+    keep_device_keys: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
@@ -75,6 +79,8 @@ class Membership(Base):
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"), primary_key=True)
     role: Mapped[str] = mapped_column(String(16))
+    #: Permissions granted on top of the role (``model.roles.GRANTABLE``).
+    grants: Mapped[list[str]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
@@ -138,6 +144,81 @@ class DeviceChannel(Base):
     connected: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class CertificateAuthority(Base):
+    """An organisation's issuing CA. One is active (it signs); the others stay trusted until deleted."""
+
+    __tablename__ = "certificate_authorities"
+
+    id: Mapped[str] = mapped_column(UUID, primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"), index=True)
+    source: Mapped[str] = mapped_column(String(16))  # generated | imported
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    subject: Mapped[str] = mapped_column(String(1024))
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    #: The issuing certificate, and its parents up to the root (root last; may be empty).
+    certificate_pem: Mapped[str] = mapped_column(Text)
+    parents_pem: Mapped[str] = mapped_column(Text, default="")
+    key_sealed: Mapped[str] = mapped_column(Text)
+    root_key_sealed: Mapped[str | None] = mapped_column(Text, nullable=True)
+    not_after: Mapped[datetime] = mapped_column(Timestamp)
+    #: Bumped on every revocation, so that each CRL content has its own number.
+    crl_number: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class DeviceCertificate(Base):
+    """A certificate issued to a device; its id is the GUID in the certificate (serial and SAN)."""
+
+    __tablename__ = "device_certificates"
+
+    id: Mapped[str] = mapped_column(UUID, primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"), index=True)
+    #: Kept (NULL) when the device is deleted: its certificates are revoked, and the CRL must list them.
+    device_id: Mapped[str | None] = mapped_column(ForeignKey("devices.id", ondelete="SET NULL"), nullable=True, index=True)
+    ca_id: Mapped[str] = mapped_column(ForeignKey("certificate_authorities.id", ondelete="CASCADE"), index=True)
+    serial: Mapped[str] = mapped_column(String(64))
+    common_name: Mapped[str] = mapped_column(String(256))
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    certificate_pem: Mapped[str] = mapped_column(Text)
+    key_source: Mapped[str] = mapped_column(String(16))  # server | csr
+    key_sealed: Mapped[str | None] = mapped_column(Text, nullable=True)
+    not_before: Mapped[datetime] = mapped_column(Timestamp)
+    not_after: Mapped[datetime] = mapped_column(Timestamp, index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    revocation_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class PskIdentity(Base):
+    """A device's pre-shared key; the identity is unique in the deployment (DTLS looks it up alone)."""
+
+    __tablename__ = "psk_identities"
+
+    id: Mapped[str] = mapped_column(UUID, primary_key=True, default=new_id)
+    identity: Mapped[str] = mapped_column(String(128), unique=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    key_sealed: Mapped[str] = mapped_column(Text)
+    key_length: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(16))  # generated | imported
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class TrustedCertificate(Base):
+    """A CA certificate of the deployment's trust store (besides every organisation's own CAs)."""
+
+    __tablename__ = "trusted_certificates"
+
+    id: Mapped[str] = mapped_column(UUID, primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(256), default="")
+    subject: Mapped[str] = mapped_column(String(1024))
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    certificate_pem: Mapped[str] = mapped_column(Text)
+    not_after: Mapped[datetime] = mapped_column(Timestamp)
+    added_by: Mapped[str] = mapped_column(String(320), default="")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
 class Event(Base):
     __tablename__ = "events"
     __table_args__ = (Index("ix_events_org_time", "org_id", "id"),)
@@ -156,12 +237,16 @@ class Event(Base):
 __all__ = [
     "ApiKey",
     "Base",
+    "CertificateAuthority",
     "Channel",
     "Device",
+    "DeviceCertificate",
     "DeviceChannel",
     "Event",
     "Membership",
     "Organisation",
+    "PskIdentity",
+    "TrustedCertificate",
     "User",
     "new_id",
     "utcnow",

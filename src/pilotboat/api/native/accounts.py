@@ -7,14 +7,18 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Response, status
 
 from pilotboat.api.deps import PrincipalDep, ServicesDep
+from pilotboat.model.principal import Principal
+from pilotboat.services.authorities import CredentialPolicy
+from pilotboat.store.tables import Organisation
 from pilotboat.api.native.schemas import (
     ApiKeyCreated,
     ApiKeyIn,
     ApiKeyOut,
     MemberOut,
+    MembershipIn,
     OrgIn,
     OrgOut,
-    RoleIn,
+    OrgPatch,
     TokenOut,
     UserIn,
 )
@@ -46,25 +50,41 @@ async def me(principal: PrincipalDep) -> dict[str, object]:
 @router.get("/orgs", response_model=list[OrgOut], tags=["organisations"])
 async def list_orgs(services: ServicesDep, principal: PrincipalDep) -> list[OrgOut]:
     orgs = await services.accounts.list_orgs(principal)
-    return [OrgOut(id=org.id, name=org.name, role=principal.roles.get(org.id), created_at=org.created_at) for org in orgs]
+    return [_org_out(org, principal) for org in orgs]
 
 
 @router.post("/orgs", response_model=OrgOut, status_code=status.HTTP_201_CREATED, tags=["organisations"])
 async def create_org(body: OrgIn, services: ServicesDep, principal: PrincipalDep) -> OrgOut:
     org = await services.accounts.create_org(principal, body.name)
-    return OrgOut(id=org.id, name=org.name, created_at=org.created_at)
+    return _org_out(org, principal)
 
 
 @router.get("/orgs/{org_id}", response_model=OrgOut, tags=["organisations"])
 async def get_org(org_id: str, services: ServicesDep, principal: PrincipalDep) -> OrgOut:
     org = await services.accounts.get_org(principal, org_id)
-    return OrgOut(id=org.id, name=org.name, role=principal.roles.get(org.id), created_at=org.created_at)
+    return _org_out(org, principal)
+
+
+@router.patch("/orgs/{org_id}", response_model=OrgOut, tags=["organisations"], summary="Set the credential policy")
+async def patch_org(org_id: str, body: OrgPatch, services: ServicesDep, principal: PrincipalDep) -> OrgOut:
+    policy = CredentialPolicy(cert_validity_days=body.cert_validity_days, keep_device_keys=body.keep_device_keys)
+    return _org_out(await services.authorities.set_policy(principal, org_id, policy), principal)
+
+
+def _org_out(org: Organisation, principal: Principal) -> OrgOut:
+    return OrgOut(
+        id=org.id, name=org.name, role=principal.roles.get(org.id), cert_validity_days=org.cert_validity_days,
+        keep_device_keys=org.keep_device_keys, created_at=org.created_at,
+    )
 
 
 @router.get("/orgs/{org_id}/users", response_model=list[MemberOut], tags=["users"])
 async def list_users(org_id: str, services: ServicesDep, principal: PrincipalDep) -> list[MemberOut]:
     members = await services.accounts.list_members(principal, org_id)
-    return [MemberOut(id=user.id, email=user.email, role=role, is_system_admin=user.is_system_admin) for user, role in members]
+    return [
+        MemberOut(id=user.id, email=user.email, role=role, grants=sorted(grants), is_system_admin=user.is_system_admin)
+        for user, role, grants in members
+    ]
 
 
 @router.post("/orgs/{org_id}/users", response_model=MemberOut, status_code=status.HTTP_201_CREATED, tags=["users"])
@@ -73,9 +93,11 @@ async def add_user(org_id: str, body: UserIn, services: ServicesDep, principal: 
     return MemberOut(id=user.id, email=user.email, role=body.role, is_system_admin=user.is_system_admin)
 
 
-@router.patch("/orgs/{org_id}/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["users"])
-async def set_role(org_id: str, user_id: str, body: RoleIn, services: ServicesDep, principal: PrincipalDep) -> Response:
-    await services.accounts.set_role(principal, org_id, user_id, body.role)
+@router.patch("/orgs/{org_id}/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["users"],
+              summary="Change a user's role and granted permissions")
+async def set_role(org_id: str, user_id: str, body: MembershipIn, services: ServicesDep, principal: PrincipalDep) -> Response:
+    grants = frozenset(body.grants) if body.grants is not None else None
+    await services.accounts.set_role(principal, org_id, user_id, body.role, grants)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

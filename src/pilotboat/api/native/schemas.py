@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pilotboat.model.roles import Role
+from pilotboat.model.roles import Permission, Role
 from pilotboat.services.devices import DeviceRecord
 from pilotboat.store.tables import Channel, Event
 
@@ -29,7 +29,18 @@ class OrgOut(BaseModel):
     id: str
     name: str
     role: Role | None = None
+    cert_validity_days: int
+    keep_device_keys: bool
     created_at: datetime
+
+
+class OrgPatch(Strict):
+    """The organisation's credential policy."""
+
+    cert_validity_days: int | None = Field(default=None, ge=1, le=3650, description="Validity of device certificates")
+    keep_device_keys: bool | None = Field(
+        default=None, description="Keep a sealed copy of server-generated device keys, for bootstrap provisioning"
+    )
 
 
 class UserIn(Strict):
@@ -38,14 +49,18 @@ class UserIn(Strict):
     role: Role = Role.MEMBER
 
 
-class RoleIn(Strict):
-    role: Role
+class MembershipIn(Strict):
+    role: Role | None = None
+    grants: list[Permission] | None = Field(
+        default=None, max_length=8, description="Permissions granted on top of the role (device_management_server)"
+    )
 
 
 class MemberOut(BaseModel):
     id: str
     email: str
     role: Role
+    grants: list[Permission] = []
     is_system_admin: bool
 
 
