@@ -178,6 +178,13 @@ class ServerProcess:
         self.stop()
         self.start()
 
+    def cli(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+        """``pilotboat ARGS`` on this server's machine: with its settings (data dir, database, master key)."""
+        return subprocess.run(
+            [sys.executable, "-m", "pilotboat.cli.main", *args], env={**self.env(), "COLUMNS": "250", **env},
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )
+
 
 class Api(httpx.Client):
     """An HTTP client for one server, optionally logged in."""

@@ -1,10 +1,11 @@
 """Tenant isolation through a real server, on each database backend.
 
-Two organisations A and B each get a channel, a device with a bootstrap config and an API key. The
-callers of A (its admin, member and viewer, an API key of A's admin restricted to A, and an API key of
-the system administrator restricted to A) then try every route of the server on B's resources: B's
-organisation id in the path or in ``X-Pilotboat-Org``, B's user, device, config, channel and API key
-ids, and A's own organisation with B's ids. Each attempt must be refused (403/404; the few exceptions
+Two organisations A and B each get a channel, a device with a bootstrap config, a certificate of the
+organisation's CA and a PSK, and an API key. The callers of A (its admin, member and viewer, an API key
+of A's admin restricted to A, and an API key of the system administrator restricted to A) then try
+every route of the server on B's resources: B's organisation id in the path or in ``X-Pilotboat-Org``,
+B's user, device, config, channel, API key, CA, certificate and PSK ids, and A's own organisation with
+B's ids. Each attempt must be refused (403/404; the few exceptions
 are named in the table), no response may carry B's ids, names or secrets, and B's state, fetched by
 B's admin before and after, must not change. B's device must still bootstrap to the same answer.
 
@@ -16,6 +17,7 @@ counter of ``/metrics``, so that a mistyped path cannot pass as a 404.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,10 +25,13 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from prometheus_client.parser import text_string_to_metric_families
 
 from compat_helpers import device_get, new_channel, unique
 from harness import ADMIN_EMAIL, ADMIN_PASSWORD, Api, ServerProcess, Tenant, make_tenant
+from pilotboat.security import pki
 
 DENIED = frozenset({403, 404})
 HTTP_METHODS = {"get", "post", "put", "patch", "delete", "head", "options"}
@@ -52,6 +57,15 @@ class Org:
     key_name: str
     key: str
     bootstrap: dict[str, Any]  # the device's first bootstrap answer
+    ca_id: str  # the organisation's generated CA
+    ca_pem: str  # its issuing certificate
+    certificate_id: str  # a certificate of the device, issued from a server-generated key
+    certificate_serial: str
+    certificate_pem: str
+    private_key: str  # that certificate's key (PEM), shown once
+    psk_id: str  # a generated PSK of the device
+    psk_identity: str
+    psk_key: str  # hex, shown once
 
     @property
     def org_id(self) -> str:
@@ -65,8 +79,18 @@ class Org:
             self.config["content"], self.config["client_cert"], self.config["client_key"], self.config["ca_cert"],
             self.bootstrap["client_secret"],
             *self.tenant.users.values(), *self.emails.values(),
+            self.ca_id, self.certificate_id, self.certificate_serial, self.psk_id, self.psk_identity,
+            self.psk_key.upper(), self.psk_key.lower(),
+            *pem_marks(self.ca_pem), *pem_marks(self.certificate_pem), *pem_marks(self.private_key),
         }
         return {value for value in values if value}
+
+
+def pem_marks(pem: str) -> set[str]:
+    """Lines of a PEM document that show it, escaped in JSON or not: its full-length base64 lines that
+    carry key or signature bytes (the last one, and for a private key every one)."""
+    lines = [line for line in pem.strip().splitlines() if not line.startswith("-----") and len(line) == 64]
+    return set(lines) if "PRIVATE KEY" in pem else set(lines[-1:])
 
 
 def populate(server_url: str, tenant: Tenant) -> Org:
@@ -88,6 +112,12 @@ def populate(server_url: str, tenant: Tenant) -> Org:
     key_name = unique("apikey")
     key = admin.post("/api/v1/api-keys", json={"name": key_name, "org_id": org_id})
     assert key.status_code == 201, key.text
+    certificate = admin.post(f"/api/v1/orgs/{org_id}/devices/{device_id}/certificates")
+    assert certificate.status_code == 201, certificate.text
+    psk = admin.post(f"/api/v1/orgs/{org_id}/devices/{device_id}/psks")
+    assert psk.status_code == 201, psk.text
+    (ca,) = admin.get(f"/api/v1/orgs/{org_id}/cas").json()
+    assert certificate.json()["ca_id"] == ca["id"]
     bootstrap = device_get(server_url, f"/clients/bootstrap/{config['external_id']}", f"Client {config['external_key']}")
     assert bootstrap.status_code == 200, bootstrap.text
     assert bootstrap.json()["client_key"] == config["client_key"]
@@ -95,6 +125,10 @@ def populate(server_url: str, tenant: Tenant) -> Org:
         tenant=tenant, emails=emails, channel_id=channel["id"], channel_name=channel["name"], device_id=device_id,
         device_name=config["name"], external_id=config["external_id"], external_key=config["external_key"],
         config=config, key_id=key.json()["id"], key_name=key_name, key=key.json()["key"], bootstrap=bootstrap.json(),
+        ca_id=ca["id"], ca_pem=ca["chain_pem"], certificate_id=certificate.json()["id"],
+        certificate_serial=certificate.json()["serial"], certificate_pem=certificate.json()["certificate_pem"],
+        private_key=certificate.json()["private_key_pem"], psk_id=psk.json()["id"], psk_identity=psk.json()["identity"],
+        psk_key=psk.json()["key"],
     )
 
 
@@ -105,6 +139,8 @@ class World:
     a: Org
     b: Org
     attackers: dict[str, Api]
+    #: A trust store entry (deployment-wide, nobody's tenant data), for the trust store routes.
+    trust_entry_id: str
     clients: list[Api] = field(default_factory=list)
 
     def close(self) -> None:
@@ -125,10 +161,13 @@ def world(server: ServerProcess) -> Iterator[World]:
         "admin": a.tenant.admin, "member": a.tenant.member, "viewer": a.tenant.viewer,
         "org-restricted API key": org_key, "system administrator's API key restricted to A": system_admin_key,
     }
-    created = World(server, root, a, b, attackers,
+    anchor = root.post("/api/v1/trust-store", json={"certificate": pki.certificate_pem(pki.generate_ca(unique("anchor")).parents[0])})
+    assert anchor.status_code == 201, anchor.text
+    created = World(server, root, a, b, attackers, anchor.json()["id"],
                     [root, org_key, system_admin_key, a.tenant.admin, a.tenant.member, a.tenant.viewer,
                      b.tenant.admin, b.tenant.member, b.tenant.viewer])
     yield created
+    root.delete(f"/api/v1/trust-store/{created.trust_entry_id}")
     created.close()
 
 
@@ -165,6 +204,26 @@ def _new_config(channels: list[str], **extra: str) -> dict[str, Any]:
             "name": "intruder", "content": "intruder", **extra}
 
 
+def _intruder_ca() -> dict[str, str]:
+    """A valid CA to import: refused for who may not, not for bad material."""
+    ca = pki.generate_ca(unique("intruder"))
+    return {"certificate": pki.certificate_pem(ca.certificate), "private_key": pki.key_pem(ca.key),
+            "chain": pki.chain_pem(ca.parents)}
+
+
+def _intruder_csr() -> dict[str, str]:
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "intruder")]))
+        .sign(pki.new_key(), hashes.SHA256())
+    )
+    return {"csr": request.public_bytes(serialization.Encoding.PEM).decode()}
+
+
+def _intruder_psk() -> dict[str, str]:
+    return {"identity": unique("intruder"), "key": "00" * 16}
+
+
 Cases = Callable[[World], list[Case]]
 
 # (method, path template) -> the attempts of A's callers on B's resources.
@@ -187,6 +246,9 @@ ROUTES: dict[tuple[str, str], Cases] = {
     ("DELETE", "/api/v1/orgs/{org_id}/users/{user_id}"): lambda w: [
         Case(_in(w.b, user_id=w.b.tenant.users["viewer"])),
         Case(_in(w.a, user_id=w.b.tenant.users["viewer"])),
+    ],
+    ("PATCH", "/api/v1/orgs/{org_id}"): lambda w: [
+        Case(_in(w.b), json={"cert_validity_days": 1, "keep_device_keys": True}),
     ],
     # --- API keys and deployment-wide events ---
     ("POST", "/api/v1/api-keys"): lambda w: [Case(json={"name": unique("intruder-key"), "org_id": w.b.org_id})],
@@ -242,6 +304,52 @@ ROUTES: dict[tuple[str, str], Cases] = {
     ],
     ("DELETE", "/api/v1/orgs/{org_id}/channels/{channel_id}"): lambda w: [
         Case(_in(w.b, channel_id=w.b.channel_id)), Case(_in(w.a, channel_id=w.b.channel_id)),
+    ],
+    # --- organisation CAs and device certificates ---
+    ("GET", "/api/v1/orgs/{org_id}/cas"): lambda w: [Case(_in(w.b))],
+    ("POST", "/api/v1/orgs/{org_id}/cas"): lambda w: [Case(_in(w.b), json=_intruder_ca())],
+    ("GET", "/api/v1/orgs/{org_id}/ca/chain"): lambda w: [Case(_in(w.b))],
+    ("GET", "/api/v1/orgs/{org_id}/cas/{ca_id}/crl"): lambda w: [
+        Case(_in(w.b, ca_id=w.b.ca_id)), Case(_in(w.a, ca_id=w.b.ca_id)),
+    ],
+    ("POST", "/api/v1/orgs/{org_id}/devices/{device_id}/certificates"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id)),
+        Case(_in(w.b, device_id=w.b.device_id), json=_intruder_csr()),
+        Case(_in(w.a, device_id=w.b.device_id)),
+        Case(_in(w.a, device_id=w.b.device_id), json=_intruder_csr()),
+    ],
+    ("GET", "/api/v1/orgs/{org_id}/certificates"): lambda w: [
+        Case(_in(w.b)),
+        Case(_in(w.b), query={"status": "active"}),
+        Case(_in(w.a), query={"device_id": w.b.device_id}, allowed=frozenset({200}), empty_list=True),
+    ],
+    ("GET", "/api/v1/orgs/{org_id}/certificates/{certificate_id}"): lambda w: [
+        Case(_in(w.b, certificate_id=w.b.certificate_id)), Case(_in(w.a, certificate_id=w.b.certificate_id)),
+    ],
+    ("POST", "/api/v1/orgs/{org_id}/certificates/{certificate_id}/revoke"): lambda w: [
+        Case(_in(w.b, certificate_id=w.b.certificate_id), json={"reason": "key_compromise"}),
+        Case(_in(w.a, certificate_id=w.b.certificate_id), json={"reason": "key_compromise"}),
+    ],
+    # --- PSK identities ---
+    ("POST", "/api/v1/orgs/{org_id}/devices/{device_id}/psks"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id)),
+        Case(_in(w.b, device_id=w.b.device_id), json=_intruder_psk()),
+        Case(_in(w.a, device_id=w.b.device_id)),
+        Case(_in(w.a, device_id=w.b.device_id), json=_intruder_psk()),
+        # Identities are unique in the whole deployment (a DTLS server looks one up before it knows the
+        # organisation), so importing B's identity into A's own device is a conflict at best.
+        Case(_in(w.a, device_id=w.a.device_id), json={"identity": w.b.psk_identity, "key": "11" * 16},
+             allowed=DENIED | {409}),
+    ],
+    ("GET", "/api/v1/orgs/{org_id}/psks"): lambda w: [
+        Case(_in(w.b)),
+        Case(_in(w.a), query={"device_id": w.b.device_id}, allowed=frozenset({200}), empty_list=True),
+    ],
+    ("GET", "/api/v1/orgs/{org_id}/psks/{psk_id}"): lambda w: [
+        Case(_in(w.b, psk_id=w.b.psk_id)), Case(_in(w.a, psk_id=w.b.psk_id)),
+    ],
+    ("DELETE", "/api/v1/orgs/{org_id}/psks/{psk_id}"): lambda w: [
+        Case(_in(w.b, psk_id=w.b.psk_id)), Case(_in(w.a, psk_id=w.b.psk_id)),
     ],
     # --- native events ---
     ("GET", "/api/v1/orgs/{org_id}/events"): lambda w: [
@@ -322,6 +430,34 @@ ROUTES: dict[tuple[str, str], Cases] = {
         Case(_domain(w.b, config_id=w.b.device_id), json={"state": 0}),
         Case(_domain(w.a, config_id=w.b.device_id), json={"state": 0}),
     ],
+    # --- WebAccess/DMP: users and their per-company permissions ---
+    ("GET", "/api/users/{user_id}"): lambda w: [
+        Case({"user_id": w.b.tenant.users[role]}) for role in ("admin", "member", "viewer")
+    ],
+    ("PUT", "/api/users/{user_id}/companies"): lambda w: [
+        Case({"user_id": w.b.tenant.users["viewer"]},
+             json=[{"company_id": w.b.org_id, "role": "admin", "permissions": ["Device Management Server"]}]),
+        Case({"user_id": w.b.tenant.users["admin"]}, json=[{"company_id": w.b.org_id, "role": "viewer"}]),
+        Case({"user_id": w.b.tenant.users["viewer"]}, json=[{"company_id": w.a.org_id, "role": "admin"}]),
+        Case({"user_id": w.a.tenant.users["viewer"]}, json=[{"company_id": w.b.org_id, "role": "admin"}]),
+    ],
+    # --- Creator: identities in the caller's organisation, or the one named in X-Pilotboat-Org ---
+    ("POST", "/identities/certificates"): lambda w: [
+        Case(headers=_as_b(w)),
+        Case(query={"device_id": w.b.device_id}),
+        Case(query={"device_id": w.b.device_id}, headers=_as_b(w)),
+    ],
+    ("POST", "/identities/psk"): lambda w: [
+        Case(headers=_as_b(w)),
+        Case(query={"device_id": w.b.device_id}),
+        Case(query={"device_id": w.b.device_id}, headers=_as_b(w)),
+    ],
+    ("GET", "/identities/psk/{identity}"): lambda w: [
+        Case({"identity": w.b.psk_identity}), Case({"identity": w.b.psk_identity}, headers=_as_b(w)),
+    ],
+    ("DELETE", "/identities/psk/{identity}"): lambda w: [
+        Case({"identity": w.b.psk_identity}), Case({"identity": w.b.psk_identity}, headers=_as_b(w)),
+    ],
 }
 
 #: Routes that name no tenant; ``test_unscoped_route`` checks each shows A nothing of B.
@@ -333,6 +469,12 @@ UNSCOPED: frozenset[tuple[str, str]] = frozenset({
     ("GET", "/api/v1/orgs"),
     ("POST", "/api/v1/orgs"),
     ("GET", "/api/v1/api-keys"),
+    ("GET", "/api/v1/trust-store"),
+    ("POST", "/api/v1/trust-store"),
+    ("GET", "/api/v1/trust-store/{entry_id}"),
+    ("DELETE", "/api/v1/trust-store/{entry_id}"),
+    ("GET", "/api/certs"),
+    ("PUT", "/api/certs"),
     ("GET", "/clients/bootstrap/{external_id}"),
     ("GET", "/clients/bootstrap/secure/{external_id}"),
     ("GET", "/clients/bootstrap/sealed/{external_id}"),
@@ -395,12 +537,27 @@ def snapshot(w: World) -> dict[str, Any]:
         "me admin": (b.tenant.admin, "/api/v1/me", {}),
         "me member": (b.tenant.member, "/api/v1/me", {}),
         "me viewer": (b.tenant.viewer, "/api/v1/me", {}),
+        "cas": (b.tenant.admin, f"/api/v1/orgs/{org_id}/cas", {}),
+        "certificates": (b.tenant.admin, f"/api/v1/orgs/{org_id}/certificates", {"limit": 100}),
+        "certificate": (b.tenant.admin, f"/api/v1/orgs/{org_id}/certificates/{b.certificate_id}", {}),
+        "psks": (b.tenant.admin, f"/api/v1/orgs/{org_id}/psks", {"limit": 100}),
+        "psk": (b.tenant.admin, f"/api/v1/orgs/{org_id}/psks/{b.psk_id}", {}),
+        "trust-store": (b.tenant.admin, "/api/v1/trust-store", {}),
     }
     state: dict[str, Any] = {}
     for name, (client, path, params) in reads.items():
         response = client.get(path, params=params)
         assert response.status_code == 200, (name, response.status_code, response.text)
         state[name] = response.json()
+    chain = b.tenant.admin.get(f"/api/v1/orgs/{org_id}/ca/chain")
+    assert chain.status_code == 200, chain.text
+    state["ca chain"] = chain.text
+    # The CRL is signed afresh on each read: compare what it says.
+    crl = b.tenant.admin.get(f"/api/v1/orgs/{org_id}/cas/{b.ca_id}/crl")
+    assert crl.status_code == 200, crl.text
+    parsed = x509.load_pem_x509_crl(crl.text.encode())
+    state["crl"] = (parsed.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number,
+                    sorted(revoked.serial_number for revoked in parsed))
     # When B last used its own key is B's business, and changes as B uses it (here too).
     state["api-keys"] = [{k: v for k, v in key.items() if k != "last_used_at"} for key in state["api-keys"]]
     with Api(w.server.url, b.key) as key_client:
@@ -515,6 +672,66 @@ def _list_keys(w: World, client: Api) -> httpx.Response:
     return response
 
 
+#: A's callers holding 'device_management_server' (with the admin role) read the trust store; no caller
+#: of A is a system administrator acting as one, so none changes it.
+TRUST_STORE_READERS = frozenset({"admin", "org-restricted API key", "system administrator's API key restricted to A"})
+
+
+def _attacker(w: World, client: Api) -> str:
+    return next(name for name, attacker in w.attackers.items() if attacker is client)
+
+
+def _read_trust_store(w: World, client: Api) -> httpx.Response:
+    response = client.get("/api/v1/trust-store")
+    if _attacker(w, client) in TRUST_STORE_READERS:
+        assert response.status_code == 200, response.text
+        assert w.trust_entry_id in {entry["id"] for entry in response.json()}
+    else:
+        assert response.status_code == 403, response.text
+    return response
+
+
+def _add_to_trust_store(w: World, client: Api) -> httpx.Response:
+    response = client.post("/api/v1/trust-store", json={"certificate": _intruder_ca()["chain"]})
+    assert response.status_code == 403, response.text
+    return response
+
+
+def _read_trust_entry(w: World, client: Api) -> httpx.Response:
+    response = client.get(f"/api/v1/trust-store/{w.trust_entry_id}")
+    if _attacker(w, client) in TRUST_STORE_READERS:
+        assert response.status_code == 200 and response.json()["id"] == w.trust_entry_id, response.text
+    else:
+        assert response.status_code == 403, response.text
+    return response
+
+
+def _delete_trust_entry(w: World, client: Api) -> httpx.Response:
+    response = client.delete(f"/api/v1/trust-store/{w.trust_entry_id}")
+    assert response.status_code == 403, response.text
+    return response
+
+
+def _read_dmp_certs(w: World, client: Api) -> httpx.Response:
+    """The DMP trust store shows the trust store and the CA chains of the caller's own organisations."""
+    response = client.get("/api/certs")
+    if _attacker(w, client) in TRUST_STORE_READERS:
+        assert response.status_code == 200, response.text
+        bundle = base64.b64decode(response.json()["data"]["certs"]).decode()
+        assert pem_marks(w.a.ca_pem) <= {line for line in bundle.splitlines()}, "A's own CA is missing"
+        assert not pem_marks(w.b.ca_pem) & set(bundle.splitlines()), "B's CA is in A's view of the trust store"
+    else:
+        assert response.status_code == 403, response.text
+    return response
+
+
+def _replace_dmp_certs(w: World, client: Api) -> httpx.Response:
+    bundle = base64.b64encode(_intruder_ca()["chain"].encode()).decode()
+    response = client.put("/api/certs", json={"certs": bundle})
+    assert response.status_code == 403, response.text
+    return response
+
+
 def _bootstrap(path: str) -> Callable[[World, Api], httpx.Response]:
     def attempt(w: World, client: Api) -> httpx.Response:
         # The caller's bearer credential is no device key: the device routes refuse it.
@@ -533,6 +750,12 @@ UNSCOPED_CHECKS: dict[tuple[str, str], Callable[[World, Api], httpx.Response]] =
     ("GET", "/api/v1/orgs"): _list_orgs,
     ("POST", "/api/v1/orgs"): _create_org,
     ("GET", "/api/v1/api-keys"): _list_keys,
+    ("GET", "/api/v1/trust-store"): _read_trust_store,
+    ("POST", "/api/v1/trust-store"): _add_to_trust_store,
+    ("GET", "/api/v1/trust-store/{entry_id}"): _read_trust_entry,
+    ("DELETE", "/api/v1/trust-store/{entry_id}"): _delete_trust_entry,
+    ("GET", "/api/certs"): _read_dmp_certs,
+    ("PUT", "/api/certs"): _replace_dmp_certs,
     **{("GET", path): _bootstrap(path) for method, path in UNSCOPED if "/bootstrap/" in path},
 }
 

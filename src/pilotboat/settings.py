@@ -40,7 +40,10 @@ class Settings(BaseSettings):
     )
     master_key: SecretStr | None = Field(
         default=None,
-        description="Base64 of 32 random bytes sealing secrets at rest. Default: a key file created in the data dir.",
+        description=(
+            "Base64 of 32 random bytes sealing secrets at rest; during a rotation 'NEW,OLD' (the first seals). "
+            "Default: the key file master.key created in the data dir."
+        ),
     )
     token_ttl_seconds: int = Field(default=3600, ge=1, le=86400 * 30, description="Lifetime of access tokens.")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest accepted HTTP request body.")

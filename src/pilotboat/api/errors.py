@@ -1,12 +1,14 @@
 """Map service errors, validation errors and HTTP errors to responses, in each door's error style.
 
 Native API: ``{"detail": "...", "field": "..."}``; Magistrala routes: ``{"message": "..."}``;
-Mainflux 0.13 routes: ``{"error": "..."}``.
+Mainflux 0.13 routes: ``{"error": "..."}``; WebAccess/DMP routes: ``{"success": false, "message": "..."}``;
+Creator routes: ``{"ErrorCode": "...", "ErrorMessage": "..."}``.
 """
 
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,9 +40,20 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
 }
 
 
+#: Creator's ``ErrorCode`` for a status; other statuses use their reason phrase without spaces.
+CREATOR_ERROR_CODES: dict[int, str] = {
+    400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed", 409: "Conflict",
+    413: "PayloadTooLarge", 415: "UnsupportedMediaType", 429: "TooManyRequests", 500: "ServerError", 503: "ServiceUnavailable",
+}
+
+
 def door_family(path: str) -> str:
-    if path.startswith("/api/"):
+    if path == "/api/v1" or path.startswith("/api/v1/"):
         return "native"
+    if path.startswith("/api/"):
+        return "dmp"
+    if path == "/identities" or path.startswith("/identities/"):
+        return "creator"
     if path.startswith("/things"):
         return "mainflux"
     return "magistrala"
@@ -61,6 +74,11 @@ def error_response(path: str, status: int, message: str, field: str | None = Non
             body["field"] = field
     elif family == "mainflux":
         body = {"error": message}
+    elif family == "dmp":
+        body = {"success": False, "message": message}
+    elif family == "creator":
+        code = CREATOR_ERROR_CODES.get(status) or HTTPStatus(status).phrase.replace(" ", "")
+        body = {"ErrorCode": code, "ErrorMessage": message}
     else:
         body = {"message": message}
     if status == 401 and headers is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pilotboat import __version__
 
 log = logging.getLogger("pilotboat.http")
 
+_CONVERTER = re.compile(r":[a-z]+}")
 REQUESTS = Counter("pilotboat_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("pilotboat_http_request_seconds", "HTTP request latency", ["method", "route"])
 SWAGGER_DIR = Path(str(swagger_ui_bundle.swagger_ui_path))
@@ -73,7 +75,8 @@ class RequestMetrics:
             await self.app(scope, receive, capture)
         finally:
             elapsed = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            # The template as the OpenAPI document names it: converters such as {identity:path} dropped.
+            route = _CONVERTER.sub("}", getattr(scope.get("route"), "path", None) or "unmatched")
             REQUESTS.labels(scope["method"], route, str(status)).inc()
             LATENCY.labels(scope["method"], route).observe(elapsed)
             if route not in ("/health", "/metrics"):

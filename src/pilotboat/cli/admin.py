@@ -8,12 +8,13 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pilotboat.model.principal import Principal
 from pilotboat.model.roles import Role
 from pilotboat.services.errors import ServiceError
-from pilotboat.settings import load_settings
+from pilotboat.settings import Settings, load_settings
 
 app = typer.Typer(help="Manage organisations and users (uses PILOTBOAT_DATABASE_URL / PILOTBOAT_DATA_DIR).", no_args_is_help=True)
 orgs_app = typer.Typer(help="Organisations.", no_args_is_help=True)
@@ -29,21 +30,28 @@ T = TypeVar("T")
 OPERATOR = Principal(user_id="cli", email="cli", is_system_admin=True)
 
 
-def _run(action: Callable[..., Awaitable[T]]) -> T:
-    from pilotboat.app import build_runtime
+def run_action(action: Callable[..., Awaitable[T]], settings: Settings | None = None, *, check_keys: bool = True) -> T:
+    """Run ``action(services)`` against the database of ``settings`` (default: the environment's),
+    after migrating it and (unless ``check_keys`` is off) checking that the master keys open it."""
+    from pilotboat.runtime import WrongMasterKey, build_runtime, check_master_keys
     from pilotboat.store import database
 
-    settings = load_settings()
-    runtime = build_runtime(settings)
+    settings = settings or load_settings()
+    try:
+        runtime = build_runtime(settings)
+    except ValueError as exc:  # a malformed master key (environment or key file)
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
 
     async def go() -> T:
         try:
             await database.upgrade(runtime.engine)
-            unknown = await runtime.services.keyring.unknown_key_ids()
-            if unknown:
-                err.print(f"[red]error:[/red] the database holds secrets sealed under master key(s) {', '.join(sorted(unknown))}, "
-                          "which this machine does not have: set PILOTBOAT_MASTER_KEY or restore master.key in the data dir")
-                raise typer.Exit(1)
+            if check_keys:
+                try:
+                    await check_master_keys(runtime)
+                except WrongMasterKey as exc:
+                    err.print(f"[red]error:[/red] {escape(str(exc))}")
+                    raise typer.Exit(1) from exc
             return await action(runtime.services)
         finally:
             await runtime.engine.dispose()
@@ -51,11 +59,11 @@ def _run(action: Callable[..., Awaitable[T]]) -> T:
     try:
         return asyncio.run(go())
     except ServiceError as exc:
-        err.print(f"[red]error:[/red] {exc.message}")
+        err.print(f"[red]error:[/red] {escape(exc.message)}")
         raise typer.Exit(1) from exc
 
 
-def _org_id(services: object, name_or_id: str) -> Awaitable[str]:
+def resolve_org(services: object, name_or_id: str) -> Awaitable[str]:
     async def find() -> str:
         for org in await services.accounts.list_orgs(OPERATOR):  # type: ignore[attr-defined]
             if name_or_id in (org.id, org.name):
@@ -67,7 +75,7 @@ def _org_id(services: object, name_or_id: str) -> Awaitable[str]:
 
 @orgs_app.command("list")
 def orgs_list() -> None:
-    orgs = _run(lambda services: services.accounts.list_orgs(OPERATOR))
+    orgs = run_action(lambda services: services.accounts.list_orgs(OPERATOR))
     table = Table("id", "name", "created")
     for org in orgs:
         table.add_row(org.id, org.name, org.created_at.strftime("%Y-%m-%d %H:%M"))
@@ -76,17 +84,17 @@ def orgs_list() -> None:
 
 @orgs_app.command("create")
 def orgs_create(name: str) -> None:
-    org = _run(lambda services: services.accounts.create_org(OPERATOR, name))
+    org = run_action(lambda services: services.accounts.create_org(OPERATOR, name))
     console.print(f"created organisation [bold]{org.name}[/bold] with id {org.id}")
 
 
 @users_app.command("list")
 def users_list(org: Annotated[str, typer.Argument(help="Organisation name or id")]) -> None:
     async def action(services: object) -> list:
-        return await services.accounts.list_members(OPERATOR, await _org_id(services, org))  # type: ignore[attr-defined]
+        return await services.accounts.list_members(OPERATOR, await resolve_org(services, org))  # type: ignore[attr-defined]
 
     table = Table("id", "email", "role", "granted", "system admin")
-    for user, role, grants in _run(action):
+    for user, role, grants in run_action(action):
         table.add_row(user.id, user.email, role.value, ", ".join(sorted(grants)), "yes" if user.is_system_admin else "")
     console.print(table)
 
@@ -99,27 +107,27 @@ def users_add(
     password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True)] = "",
 ) -> None:
     async def action(services: object) -> object:
-        return await services.accounts.add_member(OPERATOR, await _org_id(services, org), email, password, role)  # type: ignore[attr-defined]
+        return await services.accounts.add_member(OPERATOR, await resolve_org(services, org), email, password, role)  # type: ignore[attr-defined]
 
-    user = _run(action)
+    user = run_action(action)
     console.print(f"added {user.email} as {role.value}")  # type: ignore[attr-defined]
 
 
 @users_app.command("set-role")
 def users_set_role(org: str, user_id: str, role: Role) -> None:
     async def action(services: object) -> None:
-        await services.accounts.set_role(OPERATOR, await _org_id(services, org), user_id, role)  # type: ignore[attr-defined]
+        await services.accounts.set_role(OPERATOR, await resolve_org(services, org), user_id, role)  # type: ignore[attr-defined]
 
-    _run(action)
+    run_action(action)
     console.print(f"role of {user_id} is now {role.value}")
 
 
 @users_app.command("remove")
 def users_remove(org: str, user_id: str) -> None:
     async def action(services: object) -> None:
-        await services.accounts.remove_member(OPERATOR, await _org_id(services, org), user_id)  # type: ignore[attr-defined]
+        await services.accounts.remove_member(OPERATOR, await resolve_org(services, org), user_id)  # type: ignore[attr-defined]
 
-    _run(action)
+    run_action(action)
     console.print(f"removed {user_id}")
 
 
@@ -128,5 +136,5 @@ def users_reset_password(
     email: str,
     password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True)] = "",
 ) -> None:
-    _run(lambda services: services.accounts.set_password(email, password))
+    run_action(lambda services: services.accounts.set_password(email, password))
     console.print(f"password of {email} changed")

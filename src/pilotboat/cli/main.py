@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from pilotboat import __version__
-from pilotboat.cli import admin, bootstrap
+from pilotboat.cli import admin, bootstrap, credentials, keys
 from pilotboat.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -24,6 +24,8 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(bootstrap.app, name="bootstrap")
 app.add_typer(admin.app, name="admin")
+app.add_typer(credentials.app, name="credentials")
+app.add_typer(keys.app, name="keys")
 
 err = Console(stderr=True)
 
@@ -58,7 +60,8 @@ def serve(
     from pydantic import ValidationError
 
     from pilotboat import logs
-    from pilotboat.app import create_app, secure_keys
+    from pilotboat.app import create_app
+    from pilotboat.runtime import secure_keys
     from pilotboat.security.secure_bootstrap import SecureBootstrapKeyError
 
     os.umask(0o077)  # the data dir, database and keys the server creates are private to its user

@@ -145,11 +145,14 @@ def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _name(common_name: str, organisation: str | None = None) -> x509.Name:
-    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]
-    if organisation:
-        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation[:64]))
-    return x509.Name(attributes)
+def _ca_name(common_name: str, unit: str) -> x509.Name:
+    """``CN=<name>, OU=<unit>, O=Pilotboat``; the unit (an organisation id) keeps the subjects of
+    same-named organisations of different deployments apart (trust stores are merged by subject)."""
+    return x509.Name([
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64]),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit[:64]),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Pilotboat"),
+    ])
 
 
 def _ca_certificate(
@@ -180,15 +183,17 @@ def _ca_certificate(
     return builder.sign(signing_key, hashes.SHA256())
 
 
-def generate_ca(organisation: str, *, now: datetime | None = None) -> CertificateAuthority:
-    """A fresh ECDSA P-256 root and an intermediate (path length 0) that signs device certificates."""
+def generate_ca(organisation: str, unit: str | None = None, *, now: datetime | None = None) -> CertificateAuthority:
+    """A fresh ECDSA P-256 root and an intermediate (path length 0) that signs device certificates.
+    ``unit`` (default: a fresh UUID) goes into both subjects as OU."""
     now = now or datetime.now(UTC)
+    unit = unit or str(uuid.uuid4())
     root_key, issuing_key = new_key(), new_key()
     root = _ca_certificate(
-        _name(f"{organisation} Root CA", "Pilotboat"), root_key.public_key(), None, root_key, ROOT_VALIDITY, 1, now
+        _ca_name(f"{organisation} Root CA", unit), root_key.public_key(), None, root_key, ROOT_VALIDITY, 1, now
     )
     intermediate = _ca_certificate(
-        _name(f"{organisation} Device CA", "Pilotboat"), issuing_key.public_key(), root, root_key,
+        _ca_name(f"{organisation} Device CA", unit), issuing_key.public_key(), root, root_key,
         INTERMEDIATE_VALIDITY, 0, now,
     )
     return CertificateAuthority(intermediate, issuing_key, (root,), root_key)

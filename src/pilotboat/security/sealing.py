@@ -159,6 +159,7 @@ class Sealer:
         return f"{PREFIX}.{self.key_id}.{base64.b64encode(blob).decode()}"
 
     def open_bytes(self, sealed: str, purpose: str) -> bytes:
+        self.refresh()  # a key dropped from the file stops opening here too
         try:
             prefix, kid, body = sealed.split(".", 2)
             blob = base64.b64decode(body, validate=True)
@@ -185,6 +186,7 @@ class Sealer:
     def derive(self, label: str, kid: str | None = None) -> bytes:
         """A sub-key for another purpose (e.g. signing access tokens), from the key ``kid`` (default: the
         sealing key)."""
+        self.refresh()
         kid = kid or self.key_id
         if kid not in self._keys:
             self.refresh(force=True)

@@ -33,6 +33,7 @@ class TokenCodec:
     def issue(self, user_id: str) -> str:
         now = int(time.time())
         claims = {"sub": user_id, "iat": now, "exp": now + self.ttl_seconds, "jti": uuid.uuid4().hex, "aud": _AUDIENCE}
+        self.sealer.refresh()  # sign under the current sealing key after a rotation of the key file
         kid = self.sealer.key_id
         return jwt.encode(claims, self.sealer.derive(_KEY_LABEL, kid), algorithm=_ALGORITHM, headers={"kid": kid})
 

@@ -258,7 +258,7 @@ class AccountService:
                 raise InvalidInput("give a role, granted permissions or both", field="role")
             for permission in change.grants or ():
                 if permission not in GRANTABLE:
-                    raise InvalidInput(f"'{permission.value}' comes with a role and cannot be granted alone", field="permissions")
+                    raise InvalidInput(f"'{permission.value}' comes with a role and cannot be granted alone", field="grants")
                 if not principal.can(change.org_id, permission):
                     raise Forbidden(f"you cannot grant '{permission.value}', which you do not hold yourself")
         async with self._sessions.begin() as session:

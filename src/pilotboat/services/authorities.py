@@ -58,7 +58,7 @@ class AuthorityService:
 
     def create_for(self, session: AsyncSession, org: Organisation) -> None:
         """Give a new organisation its generated CA chain, in the caller's transaction."""
-        session.add(self._row(org.id, pki.generate_ca(org.name), "generated"))
+        session.add(self._row(org.id, pki.generate_ca(org.name, org.id), "generated"))
 
     async def ensure_all(self) -> int:
         """At start: generate a CA for every organisation that has none (e.g. created by an older

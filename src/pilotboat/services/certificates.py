@@ -17,7 +17,7 @@ from pilotboat.security.sealing import Sealer
 from pilotboat.services import events
 from pilotboat.services.access import require, require_org
 from pilotboat.services.authorities import AuthorityService, chain_pem
-from pilotboat.services.errors import Conflict, InvalidInput, NotFound
+from pilotboat.services.errors import Conflict, InvalidInput, NotFound, Unavailable
 from pilotboat.services.transaction import writing
 from pilotboat.store.tables import CertificateAuthority, Device, DeviceCertificate, Organisation, utcnow
 
@@ -95,6 +95,11 @@ class CertificateService:
             if not device.endpoint:
                 device.endpoint = guid.urn
             ca_row = await self._authorities.active_row(session, org_id)
+            if ca_row.not_after <= utcnow() + timedelta(days=1):
+                raise Unavailable(
+                    f"the organisation's CA expires on {ca_row.not_after.isoformat()}; import a new CA "
+                    "(POST /api/v1/orgs/{org_id}/cas) before issuing more certificates"
+                )
             ca = self._authorities.load(ca_row)
             key = pki.new_key() if public_key is None else None
             certificate = pki.issue_device_certificate(

@@ -1,4 +1,4 @@
-"""The service container built by the composition root (``pilotboat.app``)."""
+"""The service container built by the composition root (``pilotboat.runtime``)."""
 
 from __future__ import annotations
 

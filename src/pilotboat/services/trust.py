@@ -87,7 +87,7 @@ class TrustService:
             if entry is None:
                 raise InvalidInput("this certificate is already trusted (it is in the trust store or is an organisation CA)",
                                    field="certificate")
-            events.record(session, "trust.added", actor=principal.email, entry_id=entry.id, subject=entry.subject)
+            events.record(session, "trust.added", org_id=None, actor=principal.email, entry_id=entry.id, subject=entry.subject)
         self._anchors = None
         return entry
 
@@ -98,7 +98,7 @@ class TrustService:
             if entry is None:
                 raise NotFound("trust store entry not found")
             await session.delete(entry)
-            events.record(session, "trust.removed", actor=principal.email, entry_id=entry.id, subject=entry.subject)
+            events.record(session, "trust.removed", org_id=None, actor=principal.email, entry_id=entry.id, subject=entry.subject)
         self._anchors = None
 
     async def replace(self, principal: Principal, bundle_pem: str) -> list[TrustedCertificate]:
@@ -109,22 +109,23 @@ class TrustService:
         async with self._sessions.begin() as session:
             await session.execute(delete(TrustedCertificate))
             added = [entry for entry in await self._insert(session, certificates, principal.email, "") if entry]
-            events.record(session, "trust.replaced", actor=principal.email, certificates=len(added))
+            events.record(session, "trust.replaced", org_id=None, actor=principal.email, certificates=len(added))
         self._anchors = None
         return added
 
     async def bundle(self, principal: Principal) -> list[str]:
         """PEM certificates a management server of this deployment trusts, as the caller may see them:
-        the trust store and the CA chains of the organisations where the caller holds the
-        'device_management_server' permission (every organisation, for a system administrator)."""
+        the trust store and the CA chains of the organisations the caller belongs to with the
+        'device_management_server' permission. (A system administrator gets the chains of its own
+        organisations too, not of every tenant: the bundle is what another deployment should trust
+        to accept this caller's devices, and it stays small.)"""
         _require_reader(principal)
+        orgs = [org for org in principal.visible_org_ids() if principal.can(org, Permission.DEVICE_MANAGEMENT_SERVER)]
         async with self._sessions() as session:
             stored = list(await session.scalars(select(TrustedCertificate.certificate_pem).order_by(TrustedCertificate.created_at)))
-            query = select(CertificateAuthority).order_by(CertificateAuthority.created_at)
-            if not principal.acts_as_system_admin:
-                orgs = [org for org in principal.visible_org_ids() if principal.can(org, Permission.DEVICE_MANAGEMENT_SERVER)]
-                query = query.where(CertificateAuthority.org_id.in_(orgs))
-            authorities = list(await session.scalars(query))
+            authorities = list(await session.scalars(
+                select(CertificateAuthority).where(CertificateAuthority.org_id.in_(orgs)).order_by(CertificateAuthority.created_at)
+            ))
         own: list[str] = []
         for row in authorities:
             for certificate in (x509.load_pem_x509_certificate(row.certificate_pem.encode()), *parents(row)):
