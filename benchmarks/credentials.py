@@ -30,7 +30,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from harness import ADMIN_EMAIL, ADMIN_PASSWORD, Api, PostgresCluster, ServerProcess  # noqa: E402
-from http_bootstrap import machine  # noqa: E402
+from http_bootstrap import machine, server_cpu_seconds  # noqa: E402
 
 from pilotboat.security import pki  # noqa: E402
 
@@ -44,6 +44,8 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    #: CPU time of the server process per issued credential (user + system).
+    server_cpu_ms: float = 0.0
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -137,18 +139,21 @@ def main() -> int:
         results = []
         with Progress(console=console, transient=True) as progress:
             for kind, requests in kinds.items():
-                results.append(asyncio.run(load(server.url, token, kind, requests, args.concurrency, progress)))
+                cpu_before = server_cpu_seconds(server)
+                result = asyncio.run(load(server.url, token, kind, requests, args.concurrency, progress))
+                result.server_cpu_ms = round((server_cpu_seconds(server) - cpu_before) * 1000 / max(result.issued, 1), 2)
+                results.append(result)
         results.append(cpu_ceiling)
     finally:
         server.stop()
         if cluster:
             cluster.stop()
 
-    table = Table("issued", "count", "seconds", "per second", "p50 ms", "p99 ms", "errors",
+    table = Table("issued", "count", "seconds", "per second", "p50 ms", "p99 ms", "server CPU ms", "errors",
                   title=f"Credential issuing, {args.backend}, {args.concurrency} in flight")
     for result in results:
         table.add_row(result.kind, str(result.issued), str(result.seconds), f"{result.per_second:,.1f}",
-                      str(result.p50_ms), str(result.p99_ms), str(result.errors))
+                      str(result.p50_ms), str(result.p99_ms), str(result.server_cpu_ms), str(result.errors))
     console.print(table)
     about = machine()
     console.print(f"machine: {about}")

@@ -23,6 +23,7 @@ from pilotboat.store.tables import CertificateAuthority, DeviceCertificate, Orga
 CA_KEY_PURPOSE = "ca.key"
 CA_ROOT_KEY_PURPOSE = "ca.root_key"
 MAX_VALIDITY_DAYS = 3650
+NO_CA = "this organisation has no CA yet; restart the server to create it"
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class AuthorityService:
             select(CertificateAuthority).where(CertificateAuthority.org_id == org_id, CertificateAuthority.active.is_(True))
         )
         if row is None:
-            raise Unavailable("this organisation has no CA yet; restart the server to create it")
+            raise Unavailable(NO_CA)
         return row
 
     def load(self, row: CertificateAuthority) -> pki.CertificateAuthority:

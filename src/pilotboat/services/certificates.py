@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pilotboat.model.principal import Principal
@@ -16,7 +16,7 @@ from pilotboat.security import pki
 from pilotboat.security.sealing import Sealer
 from pilotboat.services import events
 from pilotboat.services.access import require, require_org
-from pilotboat.services.authorities import AuthorityService, chain_pem
+from pilotboat.services.authorities import NO_CA, AuthorityService, chain_pem
 from pilotboat.services.errors import Conflict, InvalidInput, NotFound, Unavailable
 from pilotboat.services.transaction import writing
 from pilotboat.store.tables import CertificateAuthority, Device, DeviceCertificate, Organisation, utcnow
@@ -86,15 +86,22 @@ class CertificateService:
                 raise InvalidInput(str(exc), field="csr") from exc
         guid = uuid.uuid4()
         async with writing(self._sessions, "the device's endpoint name is already in use") as session:
-            org = await session.get(Organisation, org_id)
-            if org is None:
-                raise NotFound("organisation not found")
-            device = await session.get(Device, device_id)
-            if device is None or device.org_id != org_id:
+            # One round trip for the organisation (its policy), the device and the issuing CA.
+            found = (await session.execute(
+                select(Organisation, Device, CertificateAuthority)
+                .join(Device, Device.org_id == Organisation.id)
+                .outerjoin(CertificateAuthority, and_(
+                    CertificateAuthority.org_id == Organisation.id, CertificateAuthority.active.is_(True)
+                ))
+                .where(Organisation.id == org_id, Device.id == device_id)
+            )).first()
+            if found is None:
                 raise NotFound("device not found")
+            org, device, ca_row = found
+            if ca_row is None:
+                raise Unavailable(NO_CA)
             if not device.endpoint:
                 device.endpoint = guid.urn
-            ca_row = await self._authorities.active_row(session, org_id)
             if ca_row.not_after <= utcnow() + timedelta(days=1):
                 raise Unavailable(
                     f"the organisation's CA expires on {ca_row.not_after.isoformat()}; import a new CA "
