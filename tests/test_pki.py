@@ -43,8 +43,8 @@ from credential_helpers import (
 from harness import Api, ServerProcess, Tenant
 from pilotboat.security import pki
 from pilotboat.security.sealing import Sealer, load_master_keys
+from pilotboat.services.certificates import DEVICE_KEY_PURPOSE
 
-DEVICE_KEY_PURPOSE = "device_certificate.key"
 
 
 def cas(client: Api, org_id: str) -> list[dict[str, Any]]:

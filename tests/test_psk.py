@@ -19,8 +19,8 @@ from compat_helpers import new_device, unique
 from credential_helpers import assert_native_error, org_path, raw_dump, raw_rows
 from harness import Api, ServerProcess, Tenant
 from pilotboat.security.sealing import Sealer, load_master_keys
+from pilotboat.services.psks import PSK_KEY_PURPOSE
 
-PSK_KEY_PURPOSE = "psk.key"
 URL_SAFE = re.compile(r"^[A-Za-z0-9_-]{22}$")
 
 

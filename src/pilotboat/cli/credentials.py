@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pilotboat.cli.admin import OPERATOR, resolve_org, run_action
+from pilotboat.services.authorities import chain_pem
 from pilotboat.services.errors import NotFound
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ def ca_show(org: Org) -> None:
 def ca_export(org: Org, output: OutFile = None) -> None:
     async def action(services: Services) -> str:
         row = await services.authorities.active(OPERATOR, await resolve_org(services, org))
-        return row.certificate_pem + row.parents_pem
+        return chain_pem(row)
 
     _emit(run_action(action), output, "the CA chain")
 

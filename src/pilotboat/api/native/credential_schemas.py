@@ -7,6 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from pilotboat.api.native.schemas import Strict
+from pilotboat.services.authorities import chain_pem
 from pilotboat.store.tables import CertificateAuthority, DeviceCertificate, PskIdentity, TrustedCertificate
 
 PEM_CHARS = 1_000_000
@@ -32,7 +33,7 @@ class CaOut(BaseModel):
     def of(cls, row: CertificateAuthority) -> CaOut:
         return cls(
             id=row.id, source=row.source, active=row.active, subject=row.subject, fingerprint=row.fingerprint,
-            not_after=row.not_after, chain_pem=row.certificate_pem + row.parents_pem, created_at=row.created_at,
+            not_after=row.not_after, chain_pem=chain_pem(row), created_at=row.created_at,
         )
 
 

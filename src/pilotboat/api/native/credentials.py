@@ -23,6 +23,7 @@ from pilotboat.api.native.credential_schemas import (
     TrustedIn,
     TrustedOut,
 )
+from pilotboat.services.authorities import chain_pem
 from pilotboat.services.certificates import CertificateFilter
 from pilotboat.services.errors import InvalidInput
 
@@ -52,7 +53,7 @@ async def import_ca(org_id: str, body: CaImport, services: ServicesDep, principa
                 response_class=Response, responses={200: {"content": {PEM_CHAIN: {}}}})
 async def ca_chain(org_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
     row = await services.authorities.active(principal, org_id)
-    return Response(row.certificate_pem + row.parents_pem, media_type=PEM_CHAIN)
+    return Response(chain_pem(row), media_type=PEM_CHAIN)
 
 
 @org_router.get("/cas/{ca_id}/crl", tags=["credentials"], summary="The CA's certificate revocation list (PEM)",
