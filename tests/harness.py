@@ -32,6 +32,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _postgres_bin(name: str) -> str:
     found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
     if not found:
@@ -121,6 +127,9 @@ class ServerProcess:
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pilotboat-data-")))
     extra_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    bootstrap_port: int = field(default_factory=free_udp_port)
+    #: Interpreter arguments before ``-m pilotboat.cli.main serve`` (the benchmarks profile with cProfile).
+    python_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -128,11 +137,16 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def bootstrap_uri(self) -> str:
+        return f"coap://127.0.0.1:{self.bootstrap_port}"
+
     def env(self) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("PILOTBOAT_")}
         env.update(
             PILOTBOAT_DATA_DIR=str(self.data_dir),
             PILOTBOAT_HTTP_PORT=str(self.port),
+            PILOTBOAT_BOOTSTRAP_PORT=str(self.bootstrap_port),
             PILOTBOAT_ADMIN_EMAIL=ADMIN_EMAIL,
             PILOTBOAT_ADMIN_PASSWORD=ADMIN_PASSWORD,
             PILOTBOAT_BOOTSTRAP_ENCRYPT_KEY=ENCRYPT_KEY,
@@ -147,7 +161,8 @@ class ServerProcess:
         self.log_path = self.data_dir / "server.log"
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pilotboat.cli.main", "serve"], env=self.env(), stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, *self.python_args, "-m", "pilotboat.cli.main", "serve"], env=self.env(), stdout=log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

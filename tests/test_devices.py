@@ -21,7 +21,8 @@ from harness import ADMIN_EMAIL, ADMIN_PASSWORD, Api, ServerProcess, Tenant, mak
 
 DEVICE_FIELDS = {
     "id", "name", "external_id", "endpoint", "mac_address", "serial_number", "imei", "alias", "content",
-    "client_cert", "ca_cert", "has_client_key", "state", "channels", "last_bootstrap_at", "created_at", "updated_at",
+    "client_cert", "ca_cert", "has_client_key", "state", "channels", "management_server_id", "last_bootstrap_at",
+    "last_bootstrap", "created_at", "updated_at",
 }
 
 

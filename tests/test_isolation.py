@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,10 @@ class Org:
     psk_id: str  # a generated PSK of the device
     psk_identity: str
     psk_key: str  # hex, shown once
+    mac_address: str  # the device's
+    server_id: str  # a management-server definition, assigned to the device
+    server_name: str
+    server_address: str
 
     @property
     def org_id(self) -> str:
@@ -80,7 +85,8 @@ class Org:
             self.bootstrap["client_secret"],
             *self.tenant.users.values(), *self.emails.values(),
             self.ca_id, self.certificate_id, self.certificate_serial, self.psk_id, self.psk_identity,
-            self.psk_key.upper(), self.psk_key.lower(),
+            self.psk_key.upper(), self.psk_key.lower(), self.mac_address, self.server_id, self.server_name,
+            self.server_address,
             *pem_marks(self.ca_pem), *pem_marks(self.certificate_pem), *pem_marks(self.private_key),
         }
         return {value for value in values if value}
@@ -117,6 +123,13 @@ def populate(server_url: str, tenant: Tenant) -> Org:
     psk = admin.post(f"/api/v1/orgs/{org_id}/devices/{device_id}/psks")
     assert psk.status_code == 201, psk.text
     (ca,) = admin.get(f"/api/v1/orgs/{org_id}/cas").json()
+    mac_address = ":".join(f"{byte:02x}" for byte in uuid.uuid4().bytes[:6])
+    assert admin.patch(f"/api/v1/orgs/{org_id}/devices/{device_id}", json={"mac_address": mac_address}).status_code == 200
+    server_name, server_address = unique("ms"), f"{unique('ms')}.example.test"
+    server = admin.post(f"/api/v1/orgs/{org_id}/management-servers", json={"name": server_name, "address": server_address, "port": 5683})
+    assert server.status_code == 201, server.text
+    assigned = admin.put(f"/api/v1/orgs/{org_id}/devices/{device_id}/management-server", json={"server_id": server.json()["id"]})
+    assert assigned.status_code == 200, assigned.text
     assert certificate.json()["ca_id"] == ca["id"]
     bootstrap = device_get(server_url, f"/clients/bootstrap/{config['external_id']}", f"Client {config['external_key']}")
     assert bootstrap.status_code == 200, bootstrap.text
@@ -128,7 +141,8 @@ def populate(server_url: str, tenant: Tenant) -> Org:
         ca_id=ca["id"], ca_pem=ca["chain_pem"], certificate_id=certificate.json()["id"],
         certificate_serial=certificate.json()["serial"], certificate_pem=certificate.json()["certificate_pem"],
         private_key=certificate.json()["private_key_pem"], psk_id=psk.json()["id"], psk_identity=psk.json()["identity"],
-        psk_key=psk.json()["key"],
+        psk_key=psk.json()["key"], mac_address=mac_address, server_id=server.json()["id"], server_name=server_name,
+        server_address=server_address,
     )
 
 
@@ -222,6 +236,10 @@ def _intruder_csr() -> dict[str, str]:
 
 def _intruder_psk() -> dict[str, str]:
     return {"identity": unique("intruder"), "key": "00" * 16}
+
+
+def _intruder_server(**extra: str) -> dict[str, Any]:
+    return {"name": "intruder", "address": f"{unique('intruder')}.example.test", "port": 5683, **extra}
 
 
 Cases = Callable[[World], list[Case]]
@@ -351,6 +369,30 @@ ROUTES: dict[tuple[str, str], Cases] = {
     ("DELETE", "/api/v1/orgs/{org_id}/psks/{psk_id}"): lambda w: [
         Case(_in(w.b, psk_id=w.b.psk_id)), Case(_in(w.a, psk_id=w.b.psk_id)),
     ],
+    # --- management servers ---
+    ("GET", "/api/v1/orgs/{org_id}/management-servers"): lambda w: [
+        Case(_in(w.b)),
+        Case(_in(w.b), query={"address": w.b.server_address}),
+        # A's own list filtered by B's address: the default and A's own only (none at that address).
+        Case(_in(w.a), query={"address": w.b.server_address}, allowed=frozenset({200})),
+    ],
+    ("POST", "/api/v1/orgs/{org_id}/management-servers"): lambda w: [Case(_in(w.b), json=_intruder_server())],
+    ("GET", "/api/v1/orgs/{org_id}/management-servers/{server_id}"): lambda w: [
+        Case(_in(w.b, server_id=w.b.server_id)), Case(_in(w.a, server_id=w.b.server_id)), Case(_in(w.b, server_id="default")),
+    ],
+    ("PATCH", "/api/v1/orgs/{org_id}/management-servers/{server_id}"): lambda w: [
+        Case(_in(w.b, server_id=w.b.server_id), json={"name": "hijacked", "address": "intruder.example.test"}),
+        Case(_in(w.a, server_id=w.b.server_id), json={"name": "hijacked", "address": "intruder.example.test"}),
+    ],
+    ("DELETE", "/api/v1/orgs/{org_id}/management-servers/{server_id}"): lambda w: [
+        Case(_in(w.b, server_id=w.b.server_id)), Case(_in(w.a, server_id=w.b.server_id)),
+    ],
+    ("PUT", "/api/v1/orgs/{org_id}/devices/{device_id}/management-server"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id), json={"server_id": "default"}),
+        Case(_in(w.b, device_id=w.b.device_id), json={"server_id": w.a.server_id}),
+        Case(_in(w.a, device_id=w.b.device_id), json={"server_id": "default"}),
+        Case(_in(w.a, device_id=w.a.device_id), json={"server_id": w.b.server_id}),
+    ],
     # --- native events ---
     ("GET", "/api/v1/orgs/{org_id}/events"): lambda w: [
         Case(_in(w.b)),
@@ -441,6 +483,18 @@ ROUTES: dict[tuple[str, str], Cases] = {
         Case({"user_id": w.b.tenant.users["viewer"]}, json=[{"company_id": w.a.org_id, "role": "admin"}]),
         Case({"user_id": w.a.tenant.users["viewer"]}, json=[{"company_id": w.b.org_id, "role": "admin"}]),
     ],
+    # --- WebAccess/DMP: management servers ("bootstrap servers") and their assignment by MAC address ---
+    ("POST", "/api/bootstrap"): lambda w: [Case(json=_intruder_server(company_id=w.b.org_id))],
+    ("GET", "/api/bootstrap/{server_id}"): lambda w: [Case({"server_id": w.b.server_id})],
+    ("PUT", "/api/bootstrap/{server_id}"): lambda w: [
+        Case({"server_id": w.b.server_id}, json={"name": "hijacked", "port": 5684}),
+    ],
+    ("DELETE", "/api/bootstrap/{server_id}"): lambda w: [Case({"server_id": w.b.server_id})],
+    ("PUT", "/api/management/devices/{mac_address}/bootstrap-server/{server_id}"): lambda w: [
+        Case({"mac_address": w.b.mac_address, "server_id": "default"}),
+        Case({"mac_address": w.b.mac_address, "server_id": w.b.server_id}),
+        Case({"mac_address": w.a.mac_address, "server_id": w.b.server_id}),
+    ],
     # --- Creator: identities in the caller's organisation, or the one named in X-Pilotboat-Org ---
     ("POST", "/identities/certificates"): lambda w: [
         Case(headers=_as_b(w)),
@@ -475,6 +529,7 @@ UNSCOPED: frozenset[tuple[str, str]] = frozenset({
     ("DELETE", "/api/v1/trust-store/{entry_id}"),
     ("GET", "/api/certs"),
     ("PUT", "/api/certs"),
+    ("GET", "/api/bootstrap"),
     ("GET", "/clients/bootstrap/{external_id}"),
     ("GET", "/clients/bootstrap/secure/{external_id}"),
     ("GET", "/clients/bootstrap/sealed/{external_id}"),
@@ -543,6 +598,8 @@ def snapshot(w: World) -> dict[str, Any]:
         "psks": (b.tenant.admin, f"/api/v1/orgs/{org_id}/psks", {"limit": 100}),
         "psk": (b.tenant.admin, f"/api/v1/orgs/{org_id}/psks/{b.psk_id}", {}),
         "trust-store": (b.tenant.admin, "/api/v1/trust-store", {}),
+        "management-servers": (b.tenant.admin, f"/api/v1/orgs/{org_id}/management-servers", {}),
+        "management-server": (b.tenant.admin, f"/api/v1/orgs/{org_id}/management-servers/{b.server_id}", {}),
     }
     state: dict[str, Any] = {}
     for name, (client, path, params) in reads.items():
@@ -732,6 +789,15 @@ def _replace_dmp_certs(w: World, client: Api) -> httpx.Response:
     return response
 
 
+def _find_dmp_servers(w: World, client: Api) -> httpx.Response:
+    """The DMP list spans the caller's organisations: the default and A's definition, none of B's."""
+    response = client.get("/api/bootstrap")
+    assert response.status_code == 200, response.text
+    ids = [entry["id"] for entry in response.json()["data"]]
+    assert ids[0] == "default" and w.a.server_id in ids and w.b.server_id not in ids, ids
+    return response
+
+
 def _bootstrap(path: str) -> Callable[[World, Api], httpx.Response]:
     def attempt(w: World, client: Api) -> httpx.Response:
         # The caller's bearer credential is no device key: the device routes refuse it.
@@ -756,6 +822,7 @@ UNSCOPED_CHECKS: dict[tuple[str, str], Callable[[World, Api], httpx.Response]] =
     ("DELETE", "/api/v1/trust-store/{entry_id}"): _delete_trust_entry,
     ("GET", "/api/certs"): _read_dmp_certs,
     ("PUT", "/api/certs"): _replace_dmp_certs,
+    ("GET", "/api/bootstrap"): _find_dmp_servers,
     **{("GET", path): _bootstrap(path) for method, path in UNSCOPED if "/bootstrap/" in path},
 }
 

@@ -14,6 +14,8 @@ from pilotboat.api import errors, ops
 from pilotboat.api.body_guard import BodyGuard
 from pilotboat.api.compat import creator, dmp, magistrala, mainflux
 from pilotboat.api.native import router as native_router
+from pilotboat.coap.udp import PortInUse
+from pilotboat.lwm2m.bootstrap_server import BootstrapServer
 from pilotboat.runtime import WrongMasterKey, build_runtime, start
 from pilotboat.settings import Settings
 
@@ -28,14 +30,22 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        bootstrap_server = None
         try:
             await start(settings, runtime)
-        except WrongMasterKey as exc:
+            if settings.bootstrap_port:
+                bootstrap_server = await BootstrapServer.start(
+                    runtime.services.bootstrap, settings.coap_host, settings.bootstrap_port,
+                    request_timeout=settings.bootstrap_request_timeout, max_sessions=settings.bootstrap_max_sessions,
+                )
+        except (WrongMasterKey, PortInUse) as exc:
             log.error(str(exc))
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise
         log.info("pilotboat ready", extra={"version": __version__, "database": runtime.engine.url.get_backend_name()})
         yield
+        if bootstrap_server is not None:
+            await bootstrap_server.close()
         await runtime.engine.dispose()
 
     app = FastAPI(

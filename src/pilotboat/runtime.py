@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pilotboat.bootstrap.service import BootstrapService, SecureKeys
+from pilotboat.model.management_server import default_definition
 from pilotboat.security.sealing import Sealer, load_master_keys
 from pilotboat.security.tokens import TokenCodec
 from pilotboat.services.accounts import AccountService
@@ -18,6 +19,7 @@ from pilotboat.services.container import Services
 from pilotboat.services.devices import DeviceService
 from pilotboat.services.events import EventService
 from pilotboat.services.keyring import KeyringService
+from pilotboat.services.management_servers import ManagementServerService
 from pilotboat.services.psks import PskService
 from pilotboat.services.trust import TrustService
 from pilotboat.settings import Settings
@@ -50,16 +52,18 @@ def build_runtime(settings: Settings) -> Runtime:
     tokens = TokenCodec(sealer, settings.token_ttl_seconds)
     devices = DeviceService(sessions, sealer)
     authorities = AuthorityService(sessions, sealer)
+    management_servers = ManagementServerService(sessions, default_definition(settings.public_host, settings.lwm2m_port))
     services = Services(
         accounts=AccountService(sessions, tokens, authorities),
         devices=devices,
-        bootstrap=BootstrapService(sessions, devices, secure_keys(settings)),
+        bootstrap=BootstrapService(sessions, devices, secure_keys(settings), management_servers),
         events=EventService(sessions),
         authorities=authorities,
         certificates=CertificateService(sessions, sealer, authorities),
         psks=PskService(sessions, sealer),
         trust=TrustService(sessions),
         keyring=KeyringService(sessions, sealer),
+        management_servers=management_servers,
     )
     return Runtime(engine, services)
 

@@ -45,6 +45,24 @@ class Settings(BaseSettings):
             "Default: the key file master.key created in the data dir."
         ),
     )
+    public_host: str = Field(
+        default="127.0.0.1",
+        description="Host name or address devices use to reach this deployment: the host of the default management server's URI.",
+    )
+    coap_host: str = Field(default="127.0.0.1", description="Address the CoAP (LwM2M) servers listen on.")
+    bootstrap_port: int = Field(
+        default=5783, ge=0, le=65535, description="UDP port of the LwM2M bootstrap server (plain CoAP); 0 switches it off.",
+    )
+    lwm2m_port: int = Field(
+        default=5683, ge=1, le=65535, description="UDP port of the LwM2M management server (plain CoAP), written into the default definition.",
+    )
+    bootstrap_request_timeout: float = Field(
+        default=10.0, gt=0, le=300,
+        description="Seconds the bootstrap server waits for a device's answer to each request (CoAP retransmissions included).",
+    )
+    bootstrap_max_sessions: int = Field(
+        default=10_000, ge=1, description="Bootstrap sessions running at once; further requests are answered 5.03 with Max-Age.",
+    )
     token_ttl_seconds: int = Field(default=3600, ge=1, le=86400 * 30, description="Lifetime of access tokens.")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest accepted HTTP request body.")
     log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")

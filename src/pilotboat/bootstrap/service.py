@@ -1,7 +1,9 @@
-"""HTTP bootstrap: a device presents its external id and key and receives its configuration.
+"""Bootstrap: who may be bootstrapped, and with what.
 
-Every attempt is recorded as an event, successful or not, with the reason of a refusal. Inactive
-devices are refused (upstream Magistrala serves them anyway; see docs/api.md).
+Over HTTP a device presents its external id and key and receives its configuration; over LwM2M a
+device names its endpoint and receives a plan (``bootstrap.plan``) that the CoAP door writes. Every
+attempt is recorded as an event, successful or not, with the reason of a refusal. Inactive devices are
+refused on both (upstream Magistrala serves them anyway; see docs/api.md).
 """
 
 from __future__ import annotations
@@ -13,14 +15,23 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from pilotboat.bootstrap.plan import BootstrapPlan, PlanRefused, build_plan
+from pilotboat.model.peer import PeerIdentity
 from pilotboat.security import sealed_bootstrap, secure_bootstrap
 from pilotboat.security.digests import verify_secret
+from pilotboat.security.throttle import RateBudget
 from pilotboat.services import events
 from pilotboat.services.devices import DeviceService
+from pilotboat.services.management_servers import ManagementServerService
 from pilotboat.services.errors import Forbidden, InvalidInput, NotFound, ServiceError, Unauthenticated, Unavailable
 from pilotboat.store.tables import Channel, Device, DeviceChannel
 
 MAX_EXTERNAL_ID_LENGTH = 256
+#: LwM2M endpoint names are stored in a column of this size.
+MAX_ENDPOINT_LENGTH = 256
+INACTIVE_REASON = "device inactive"
+#: Events recorded per second for LwM2M requests naming no known device (a flood must not fill the table).
+UNKNOWN_ENDPOINT_EVENTS_PER_SECOND = 20
 
 
 @dataclass(frozen=True)
@@ -48,12 +59,15 @@ class SecureKeys:
 
 class BootstrapService:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], devices: DeviceService, secure_keys: SecureKeys | None
+        self, sessions: async_sessionmaker[AsyncSession], devices: DeviceService, secure_keys: SecureKeys | None,
+        servers: ManagementServerService,
     ) -> None:
         self._sessions = sessions
         self._devices = devices
+        self._servers = servers
         self._secure_keys = secure_keys
         self._replay_guard = sealed_bootstrap.ReplayGuard()
+        self._unknown_endpoint_events = RateBudget(UNKNOWN_ENDPOINT_EVENTS_PER_SECOND, burst=UNKNOWN_ENDPOINT_EVENTS_PER_SECOND)
 
     async def fetch(self, external_id: str, external_key: str | None, *, door: str) -> BootstrapConfig:
         """The configuration of the device with ``external_id`` if ``external_key`` is its key."""
@@ -92,7 +106,7 @@ class BootstrapService:
         if not verify_secret(device.external_key_digest, external_key):
             return "wrong external key", Forbidden("wrong external key")
         if device.state != 1:
-            return "device inactive", Forbidden(
+            return INACTIVE_REASON, Forbidden(
                 "device is inactive: an operator must activate it (state 1) before it can bootstrap"
             )
         return None
@@ -155,6 +169,50 @@ class BootstrapService:
     @staticmethod
     async def _refuse(session: AsyncSession, device: Device | None, external_id: str, door: str, reason: str) -> None:
         events.record(
-            session, "bootstrap.failed", org_id=device.org_id if device else None, device_id=device.id if device else None,
+            session, events.BOOTSTRAP_FAILED, org_id=device.org_id if device else None, device_id=device.id if device else None,
             actor=f"device:{external_id[:64]}", outcome="refused", reason=reason, door=door,
         )
+
+    # --- LwM2M ---------------------------------------------------------------------------------
+
+    async def plan_for_endpoint(self, endpoint: str, *, peer: PeerIdentity | None, door: str) -> BootstrapPlan:
+        """The plan of the active device with LwM2M ``endpoint``; ``PlanRefused`` (recorded as an
+        event) when there is none or it may not be bootstrapped. ``peer`` is None on plain CoAP."""
+        actor = f"device:{endpoint[:64]}"
+        if not endpoint or len(endpoint) > MAX_ENDPOINT_LENGTH:
+            raise PlanRefused(f"endpoint names are 1 to {MAX_ENDPOINT_LENGTH} characters")
+        refusal: PlanRefused | None = None
+        async with self._sessions.begin() as session:
+            device = await session.scalar(select(Device).where(Device.endpoint == endpoint))
+            try:
+                if device is None:
+                    raise PlanRefused("unknown endpoint")
+                if device.state != 1:
+                    raise PlanRefused(INACTIVE_REASON)
+                definition = await self._servers.definition_for_device(session, device)
+                return build_plan(device.id, device.org_id, endpoint, definition, authenticated=peer is not None)
+            except PlanRefused as exc:
+                refusal = exc
+                if device is not None:
+                    events.record(
+                        session, events.BOOTSTRAP_FAILED, org_id=device.org_id, device_id=device.id, actor=actor,
+                        outcome="refused", reason=str(exc), door=door,
+                    )
+                elif self._unknown_endpoint_events.allow():
+                    events.record(
+                        session, events.BOOTSTRAP_FAILED, org_id=None, actor=actor, outcome="refused", reason=str(exc),
+                        door=door, endpoint=endpoint[:64], not_recorded_before=self._unknown_endpoint_events.take_refused(),
+                    )
+        raise refusal  # after the commit of the event
+
+    async def record_session(
+        self, plan: BootstrapPlan, *, door: str, outcome: str, reason: str | None = None, **detail: object
+    ) -> None:
+        """Record how a bootstrap session for ``plan`` ended: outcome "ok" (the client accepted the
+        configuration), or "failed" / "timeout" / "superseded" with the reason and step in ``detail``."""
+        async with self._sessions.begin() as session:
+            events.record(
+                session, events.BOOTSTRAP_SUCCEEDED if outcome == "ok" else events.BOOTSTRAP_FAILED,
+                org_id=plan.org_id, device_id=plan.device_id, actor=f"device:{plan.endpoint[:64]}", outcome=outcome,
+                reason=reason, door=door, servers=plan.summary, **detail,
+            )

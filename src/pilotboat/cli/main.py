@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from pilotboat import __version__
-from pilotboat.cli import admin, bootstrap, credentials, keys
+from pilotboat.cli import admin, bootstrap, credentials, keys, simulate
 from pilotboat.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app.add_typer(bootstrap.app, name="bootstrap")
 app.add_typer(admin.app, name="admin")
 app.add_typer(credentials.app, name="credentials")
 app.add_typer(keys.app, name="keys")
+app.add_typer(simulate.app, name="simulate")
 
 err = Console(stderr=True)
 
@@ -47,7 +48,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command(help=f"Run the server (HTTP API, bootstrap routes) on this machine.\n\nSettings come from flags and environment variables:\n\n{_SETTINGS_HELP}")
+@app.command(help=f"Run the server (HTTP API and bootstrap routes, LwM2M bootstrap server over CoAP) on this machine.\n\nSettings come from flags and environment variables:\n\n{_SETTINGS_HELP}")
 def serve(
     host: Annotated[str | None, typer.Option(help="HTTP listen address (env PILOTBOAT_HTTP_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (env PILOTBOAT_HTTP_PORT)")] = None,
@@ -78,8 +79,12 @@ def serve(
         _fail(str(exc))
     logs.configure(settings.log_level, settings.log_format)
     err.print(f"Pilotboat {__version__} on http://{settings.http_host}:{settings.http_port} (docs at /docs)")
+    if settings.bootstrap_port:
+        err.print(f"LwM2M bootstrap server on coap://{settings.coap_host}:{settings.bootstrap_port}")
+    # The standard asyncio loop, not uvloop: under uvloop, aiocoap's UDP socket stops receiving once an
+    # ICMP "port unreachable" comes back from a departed client (its error-queue reader is not served).
     uvicorn.run(application, host=settings.http_host, port=settings.http_port, log_config=None, access_log=False,
-                server_header=False)
+                server_header=False, loop="asyncio")
 
 
 @db_app.command("upgrade", help="Apply pending database migrations (also done by serve on start).")

@@ -37,3 +37,30 @@ class FailureThrottle:
 
     def succeeded(self, key: str) -> None:
         self._failures.pop(key, None)
+
+
+class RateBudget:
+    """At most ``per_second`` allowances per second on average (a token bucket of ``burst``), with a
+    count of the refusals since the last allowance, for work an unauthenticated flood could multiply."""
+
+    def __init__(self, per_second: float, burst: int) -> None:
+        self.rate = per_second
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self.refused = 0
+
+    def allow(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self.refused += 1
+        return False
+
+    def take_refused(self) -> int:
+        """The refusals since the last call (and reset the count)."""
+        count, self.refused = self.refused, 0
+        return count

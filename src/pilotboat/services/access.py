@@ -26,9 +26,10 @@ async def require_org(session: AsyncSession, org_id: str) -> None:
         raise NotFound("organisation not found")
 
 
-def caller_org(principal: Principal, requested: str | None, *, named_by: str) -> str:
+def caller_org(principal: Principal, requested: str | None, *, named_by: str, kind: str = "header") -> str:
     """The organisation a call acts in when the route names none: ``requested`` if given (and
-    visible), else the caller's only organisation. ``named_by`` is where a caller names one."""
+    visible), else the caller's only organisation. ``named_by`` is where a caller names one: the
+    name of a header, or of a body field with ``kind="field"``."""
     if requested:
         require(principal, requested, Permission.READ)
         return requested
@@ -37,4 +38,4 @@ def caller_org(principal: Principal, requested: str | None, *, named_by: str) ->
         return orgs[0]
     if not orgs:
         raise NotFound("you belong to no organisation")
-    raise InvalidInput(f"you belong to several organisations: name one in the {named_by} header", field=named_by)
+    raise InvalidInput(f"you belong to several organisations: name one in the {named_by} {kind}", field=named_by)

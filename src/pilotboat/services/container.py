@@ -11,6 +11,7 @@ from pilotboat.services.certificates import CertificateService
 from pilotboat.services.devices import DeviceService
 from pilotboat.services.events import EventService
 from pilotboat.services.keyring import KeyringService
+from pilotboat.services.management_servers import ManagementServerService
 from pilotboat.services.psks import PskService
 from pilotboat.services.trust import TrustService
 
@@ -26,3 +27,4 @@ class Services:
     psks: PskService
     trust: TrustService
     keyring: KeyringService
+    management_servers: ManagementServerService

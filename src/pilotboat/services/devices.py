@@ -36,6 +36,8 @@ DEVICE_COLUMNS = frozenset(
 CONFIG_COLUMNS = {"external_id": None, "external_key_digest": None, "content": "", "client_cert": "", "client_key_sealed": None, "ca_cert": ""}
 UNIQUE_COLUMNS = ("external_id", "endpoint")
 STATES = (0, 1)
+#: Events of a bootstrap attempt's end: a device's last bootstrap is the newest of these.
+BOOTSTRAP_OUTCOME_KINDS = (events.BOOTSTRAP_SUCCEEDED, events.BOOTSTRAP_FAILED)
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,23 @@ class ChannelLink:
 
 
 @dataclass(frozen=True)
+class LastBootstrap:
+    """How the device's newest bootstrap attempt ended (from its event)."""
+
+    at: datetime
+    outcome: str
+    reason: str | None
+    door: str | None
+
+
+@dataclass(frozen=True)
 class DeviceRecord:
     device: Device
     channels: list[ChannelLink]
     #: Time of the last successful bootstrap, read from the events (not stored twice).
     last_bootstrap_at: datetime | None = None
+    #: The newest bootstrap attempt, successful or not.
+    last_bootstrap: LastBootstrap | None = None
 
 
 @dataclass(frozen=True)
@@ -379,7 +393,28 @@ class DeviceService:
                 .group_by(Event.device_id)
             )
             last_bootstrap = dict(rows.tuples().all())
-        return [DeviceRecord(device, links.get(device.id, []), last_bootstrap.get(device.id)) for device in devices]
+        attempts = await self._last_attempts(session, ids)
+        return [
+            DeviceRecord(device, links.get(device.id, []), last_bootstrap.get(device.id), attempts.get(device.id))
+            for device in devices
+        ]
+
+    @staticmethod
+    async def _last_attempts(session: AsyncSession, device_ids: list[str]) -> dict[str, LastBootstrap]:
+        """The newest bootstrap outcome event of each device, in one query."""
+        if not device_ids:
+            return {}
+        newest = (
+            select(func.max(Event.id))
+            .where(Event.device_id.in_(device_ids), Event.kind.in_(BOOTSTRAP_OUTCOME_KINDS))
+            .group_by(Event.device_id)
+        )
+        rows = await session.scalars(select(Event).where(Event.id.in_(newest)))
+        return {
+            event.device_id: LastBootstrap(event.created_at, event.outcome, event.reason, event.detail.get("door"))
+            for event in rows
+            if event.device_id is not None
+        }
 
     @staticmethod
     async def _links_for(session: AsyncSession, device_ids: list[str]) -> dict[str, list[ChannelLink]]:

@@ -24,6 +24,10 @@ log = logging.getLogger("pilotboat.events")
 
 #: A configuration was served to a device; a device's last bootstrap time is read from these.
 BOOTSTRAP_SUCCEEDED = "bootstrap.succeeded"
+#: A bootstrap was refused or did not complete; ``outcome`` and ``reason`` say how.
+BOOTSTRAP_FAILED = "bootstrap.failed"
+#: Size of the events.reason column.
+MAX_REASON_CHARS = 256
 
 
 def record(
@@ -38,6 +42,8 @@ def record(
     **detail: Any,
 ) -> None:
     """Add an event to ``session`` (committed, or rolled back, with the change it describes)."""
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        reason = reason[: MAX_REASON_CHARS - 1] + "…"
     session.add(
         Event(kind=kind, org_id=org_id, device_id=device_id, actor=actor, outcome=outcome, reason=reason, detail=detail)
     )

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -130,6 +131,31 @@ class Device(Base):
     client_key_sealed: Mapped[str | None] = mapped_column(Text, nullable=True)
     ca_cert: Mapped[str] = mapped_column(Text, default="")
     state: Mapped[int] = mapped_column(Integer, default=0)
+    #: The management server the device is sent to at bootstrap; NULL is the deployment's default.
+    #: No ON DELETE action: SQLite can add a column's reference only inline, where its schema reflection
+    #: does not see actions. Deleting a definition clears its assignments in the same transaction.
+    management_server_id: Mapped[str | None] = mapped_column(ForeignKey("management_servers.id"), nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+
+
+class ManagementServer(Base):
+    """A management server an organisation's devices can be sent to (``model.management_server``)."""
+
+    __tablename__ = "management_servers"
+    __table_args__ = (UniqueConstraint("org_id", "address", "port", name="uq_management_servers_org_address_port"),)
+
+    id: Mapped[str] = mapped_column(UUID, primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    #: Host name (lower case) or IP address (compressed form), without brackets.
+    address: Mapped[str] = mapped_column(String(253))
+    port: Mapped[int] = mapped_column(Integer)
+    uri_scheme: Mapped[str] = mapped_column(String(8))
+    security_mode: Mapped[int] = mapped_column(Integer)
+    short_server_id: Mapped[int] = mapped_column(Integer)
+    lifetime: Mapped[int] = mapped_column(Integer)
+    binding: Mapped[str] = mapped_column(String(8))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 
@@ -243,6 +269,7 @@ __all__ = [
     "DeviceCertificate",
     "DeviceChannel",
     "Event",
+    "ManagementServer",
     "Membership",
     "Organisation",
     "PskIdentity",

@@ -1,4 +1,5 @@
-"""WebAccess/DMP compatible routes (API base ``/api``): the trust store and users' per-company permissions.
+"""WebAccess/DMP compatible routes (API base ``/api``): the trust store, users' per-company permissions,
+management-server definitions ("bootstrap servers" upstream) and their assignment to devices.
 
 Answers are wrapped as upstream does, ``{"data": ..., "success": true}``; errors are
 ``{"success": false, "message": "..."}`` (see ``pilotboat.api.errors``). A "company" is a Pilotboat
@@ -11,16 +12,18 @@ import base64
 import binascii
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Body, Query
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pilotboat.api.deps import PrincipalDep, ServicesDep
 from pilotboat.model.principal import Principal
 from pilotboat.model.roles import GRANTABLE, ROLE_PERMISSIONS, Permission, Role
 from pilotboat.security.pki import MAX_PEM_CHARS
+from pilotboat.services.access import caller_org
 from pilotboat.services.accounts import MembershipChange, MembershipView
 from pilotboat.services.container import Services
 from pilotboat.services.errors import InvalidInput, NotFound
+from pilotboat.services.management_servers import ManagementServerRecord, ServerFields, transport_for_port
 
 router = APIRouter(prefix="/api", tags=["WebAccess/DMP compatibility"])
 
@@ -58,8 +61,63 @@ class CompanyIn(BaseModel):
     )
 
 
-def _ok(data: dict[str, Any]) -> dict[str, Any]:
+class _FoldedKeys(BaseModel):
+    """Upstream spells field names in several ways (``address``, ``Address``, ``companyId``): keys
+    match the fields ignoring case and underscores."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        names = {name.replace("_", "").lower(): name for name in cls.model_fields}
+        folded: dict[Any, Any] = {}
+        for key, value in data.items():
+            name = names.get(key.replace("_", "").lower(), key) if isinstance(key, str) else key
+            if name in folded:
+                raise ValueError(f"field '{name}' is given twice (field names ignore case)")
+            folded[name] = value
+        return folded
+
+
+class BootstrapServerIn(_FoldedKeys):
+    name: str = Field(max_length=1024)
+    address: str = Field(max_length=1024, description="Host name or IP address, without scheme or port")
+    port: int = Field(description="5684 gives coaps with certificates (mutual TLS); any other port coap without security")
+    company_id: str | None = Field(
+        default=None, max_length=64, description="The organisation; may be left out by a caller who belongs to one only"
+    )
+
+
+class BootstrapServerChange(_FoldedKeys):
+    name: str | None = Field(default=None, max_length=1024)
+    address: str | None = Field(default=None, max_length=1024)
+    port: int | None = Field(default=None, description="A new port sets the scheme and security mode as on creation")
+    company_id: str | None = Field(default=None, max_length=64, description="Ignored: a definition stays in its company")
+
+
+def _ok(data: Any) -> dict[str, Any]:
     return {"data": data, "success": True}
+
+
+def _server_view(record: ManagementServerRecord) -> dict[str, Any]:
+    definition = record.definition
+    return {
+        "id": definition.id,
+        "name": definition.name,
+        "address": definition.address,
+        "port": definition.port,
+        "company_id": definition.org_id,
+        "uri": definition.uri,
+        "uri_scheme": definition.uri_scheme,
+        "security_mode": definition.security_mode.name,
+        "short_server_id": definition.short_server_id,
+        "lifetime": definition.lifetime,
+        "binding": definition.binding,
+        "is_default": definition.is_default,
+    }
 
 
 def _permission(name: str) -> Permission:
@@ -158,3 +216,55 @@ async def put_user_companies(
     changes = [_change(company, current.get(company.company_id)) for company in body]
     await services.accounts.change_memberships(principal, user_id, changes)
     return await _user_view(services, principal, user_id)
+
+
+# --- management servers ("bootstrap servers" upstream) -----------------------------------------
+
+
+@router.post("/bootstrap", summary="Define a management server in a company")
+async def create_bootstrap_server(body: BootstrapServerIn, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
+    org_id = caller_org(principal, body.company_id, named_by="company_id", kind="field")
+    fields = ServerFields(name=body.name, address=body.address, port=body.port)
+    return _ok(_server_view(await services.management_servers.create(principal, org_id, fields)))
+
+
+@router.get("/bootstrap", summary="The management servers of the caller's companies (the default one first), by address")
+async def list_bootstrap_servers(
+    services: ServicesDep, principal: PrincipalDep,
+    address_as_upstream: Annotated[str | None, Query(alias="Address", max_length=253)] = None,
+    address: Annotated[str | None, Query(max_length=253)] = None,
+) -> dict[str, Any]:
+    if address_as_upstream and address and address_as_upstream != address:
+        raise InvalidInput("Address and address differ: give one", field="Address")
+    records = await services.management_servers.list(principal, None, address=address_as_upstream or address)
+    return _ok([_server_view(record) for record in records])
+
+
+@router.get("/bootstrap/{server_id}", summary="One management server")
+async def get_bootstrap_server(server_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
+    return _ok(_server_view(await services.management_servers.get(principal, None, server_id)))
+
+
+@router.put("/bootstrap/{server_id}", summary="Change a management server's name, address or port")
+async def update_bootstrap_server(
+    server_id: str, body: BootstrapServerChange, services: ServicesDep, principal: PrincipalDep
+) -> dict[str, Any]:
+    scheme, mode = transport_for_port(body.port) if body.port is not None else (None, None)
+    fields = ServerFields(name=body.name, address=body.address, port=body.port, uri_scheme=scheme, security_mode=mode)
+    return _ok(_server_view(await services.management_servers.update(principal, None, server_id, fields)))
+
+
+@router.delete("/bootstrap/{server_id}", summary="Delete a management server; its devices fall back to the default")
+async def delete_bootstrap_server(server_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
+    reassigned = await services.management_servers.delete(principal, None, server_id)
+    return _ok({"id": server_id, "devices_reassigned": reassigned})
+
+
+@router.put("/management/devices/{mac_address}/bootstrap-server/{server_id}",
+            summary="Send the device with this MAC address to a management server at its next bootstrap")
+async def assign_bootstrap_server(mac_address: str, server_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
+    device, definition = await services.management_servers.assign_by_mac(principal, mac_address, server_id)
+    return _ok({
+        "device_id": device.id, "mac_address": device.mac_address, "company_id": device.org_id,
+        "server_id": definition.id, "uri": definition.uri,
+    })

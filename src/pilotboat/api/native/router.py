@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from pilotboat.api.deps import PrincipalDep, ServicesDep
-from pilotboat.api.native import accounts, credentials, devices
+from pilotboat.api.native import accounts, credentials, devices, management_servers
 from pilotboat.api.native.schemas import EventOut, EventPage
 from pilotboat.services.events import EventFilter
 
@@ -15,6 +15,7 @@ router.include_router(accounts.router)
 router.include_router(devices.router)
 router.include_router(credentials.router)
 router.include_router(credentials.org_router)
+router.include_router(management_servers.router)
 
 
 @router.get("/api/v1/events", response_model=EventPage, tags=["events"], summary="Deployment-wide events (system administrators)")

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pilotboat.model.management_server import DEFAULT_ID
 from pilotboat.model.roles import Permission, Role
 from pilotboat.services.devices import DeviceRecord
 from pilotboat.store.tables import Channel, Event
@@ -157,6 +158,13 @@ class ChannelLinkOut(BaseModel):
     connected: bool
 
 
+class LastBootstrapOut(BaseModel):
+    at: datetime
+    outcome: str = Field(description="ok, or why the attempt did not complete: refused, failed, timeout, superseded")
+    reason: str | None
+    door: str | None = Field(description="Where the device asked, e.g. magistrala, mainflux, sealed or the LwM2M bootstrap server")
+
+
 class DeviceOut(BaseModel):
     id: str
     name: str
@@ -172,7 +180,9 @@ class DeviceOut(BaseModel):
     has_client_key: bool
     state: int
     channels: list[ChannelLinkOut]
+    management_server_id: str = Field(description="The management server of its next bootstrap; 'default' for this deployment's own")
     last_bootstrap_at: datetime | None
+    last_bootstrap: LastBootstrapOut | None = Field(description="The newest bootstrap attempt, successful or not")
     created_at: datetime
     updated_at: datetime
 
@@ -188,7 +198,10 @@ class DeviceOut(BaseModel):
                 ChannelLinkOut(id=link.channel.id, name=link.channel.name, metadata=link.channel.metadata_, connected=link.connected)
                 for link in record.channels
             ],
-            last_bootstrap_at=record.last_bootstrap_at, created_at=device.created_at, updated_at=device.updated_at,
+            management_server_id=device.management_server_id or DEFAULT_ID,
+            last_bootstrap_at=record.last_bootstrap_at,
+            last_bootstrap=LastBootstrapOut(**vars(record.last_bootstrap)) if record.last_bootstrap else None,
+            created_at=device.created_at, updated_at=device.updated_at,
         )
 
 
