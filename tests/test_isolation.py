@@ -387,6 +387,10 @@ ROUTES: dict[tuple[str, str], Cases] = {
     ("DELETE", "/api/v1/orgs/{org_id}/management-servers/{server_id}"): lambda w: [
         Case(_in(w.b, server_id=w.b.server_id)), Case(_in(w.a, server_id=w.b.server_id)),
     ],
+    ("GET", "/api/v1/orgs/{org_id}/devices/{device_id}/bootstrap-plan"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id)),
+        Case(_in(w.a, device_id=w.b.device_id)),
+    ],
     ("PUT", "/api/v1/orgs/{org_id}/devices/{device_id}/management-server"): lambda w: [
         Case(_in(w.b, device_id=w.b.device_id), json={"server_id": "default"}),
         Case(_in(w.b, device_id=w.b.device_id), json={"server_id": w.a.server_id}),

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from harness import Api, ServerProcess, Tenant
+from harness import ADMIN_EMAIL, ADMIN_PASSWORD, Api, ServerProcess, Tenant
 from pilotboat.lwm2m import content
 from pilotboat.sim import Failure, SimulatedDevice
 
@@ -151,6 +151,27 @@ def test_assigned_device_gets_that_management_server(server: ServerProcess, tena
     assert result.ok and [given.uri for given in device.servers()] == [DEFAULT_URI]
 
 
+def test_bootstrap_plan_preview_shows_what_the_device_would_get(server: ServerProcess, tenant: Tenant) -> None:
+    endpoint, device_id = make_device(tenant, state=0)
+    plan_url = f"/api/v1/orgs/{tenant.org_id}/devices/{device_id}/bootstrap-plan"
+    inactive = tenant.viewer.get(plan_url)
+    assert inactive.status_code == 200, inactive.text
+    assert (inactive.json()["ready"], inactive.json()["refusal"]) == (False, "device inactive")
+    assert tenant.admin.put(f"/api/v1/orgs/{tenant.org_id}/devices/{device_id}/state", json={"state": 1}).status_code == 200
+    ready = tenant.viewer.get(plan_url).json()
+    assert ready["ready"] and [(given["server_id"], given["uri"], given["security_mode"]) for given in ready["servers"]] == [
+        ("default", DEFAULT_URI, "NOSEC"),
+    ]
+    result, device = bootstrap(server, endpoint)  # the device gets exactly what the preview showed
+    assert result.ok and [given.uri for given in device.servers()] == [ready["servers"][0]["uri"]]
+    assert events_of(tenant.admin, tenant.org_id, device_id, "bootstrap.failed") == []  # previews record nothing
+    no_endpoint = tenant.admin.post(f"/api/v1/orgs/{tenant.org_id}/devices", json={"name": "http-only", "state": 1}).json()["id"]
+    assert tenant.viewer.get(f"/api/v1/orgs/{tenant.org_id}/devices/{no_endpoint}/bootstrap-plan").json()["refusal"] == (
+        "the device has no LwM2M endpoint name"
+    )
+    assert tenant.viewer.get(f"/api/v1/orgs/{tenant.org_id}/devices/{uuid.uuid4()}/bootstrap-plan").status_code == 404
+
+
 def test_secure_management_server_is_not_given_over_plain_coap(server: ServerProcess, tenant: Tenant) -> None:
     endpoint, device_id = make_device(tenant)
     created = tenant.admin.post(
@@ -160,19 +181,27 @@ def test_secure_management_server_is_not_given_over_plain_coap(server: ServerPro
     assert created.status_code == 201, created.text
     assert tenant.admin.put(f"/api/v1/orgs/{tenant.org_id}/devices/{device_id}/management-server",
                             json={"server_id": created.json()["id"]}).status_code == 200
+    preview = tenant.viewer.get(f"/api/v1/orgs/{tenant.org_id}/devices/{device_id}/bootstrap-plan").json()
+    assert not preview["ready"] and "DTLS" in preview["refusal"]
     result, _ = bootstrap(server, endpoint)
     assert (result.failure, result.code) == (Failure.REJECTED, "4.00")
     [event] = events_of(tenant.admin, tenant.org_id, device_id, "bootstrap.failed")
-    assert "DTLS" in event["reason"]
+    assert event["reason"] == preview["refusal"]
+
+
+def server_with_device(server_factory, request_timeout: str) -> tuple[ServerProcess, Api, str, str, str]:
+    """A server of its own with a short per-request timeout, an organisation and one active device."""
+    own = server_factory(PILOTBOAT_BOOTSTRAP_REQUEST_TIMEOUT=request_timeout)
+    own.start()
+    root = Api.login(own.url, ADMIN_EMAIL, ADMIN_PASSWORD)
+    org = root.post("/api/v1/orgs", json={"name": f"org-{uuid.uuid4().hex[:8]}"}).json()["id"]
+    endpoint = f"urn:dev:{uuid.uuid4().hex[:12]}"
+    device_id = root.post(f"/api/v1/orgs/{org}/devices", json={"endpoint": endpoint, "state": 1}).json()["id"]
+    return own, root, org, endpoint, device_id
 
 
 def test_device_that_stops_answering_ends_as_a_timeout_event(server_factory) -> None:
-    quick = server_factory(PILOTBOAT_BOOTSTRAP_REQUEST_TIMEOUT="1.5")
-    quick.start()
-    root = Api.login(quick.url, "root@pilotboat.test", "correct horse battery staple")
-    org = root.post("/api/v1/orgs", json={"name": f"timeout-{uuid.uuid4().hex[:8]}"}).json()["id"]
-    endpoint = f"urn:dev:{uuid.uuid4().hex[:12]}"
-    device_id = root.post(f"/api/v1/orgs/{org}/devices", json={"endpoint": endpoint, "state": 1}).json()["id"]
+    quick, root, org, endpoint, device_id = server_with_device(server_factory, "1.5")
     # A new device: Discover, then Delete /1, then the writes. It answers two requests and goes silent.
     result, device = bootstrap(quick, endpoint, timeout=6, answer_limit=2)
     assert result.failure is Failure.TIMEOUT
@@ -186,12 +215,7 @@ def test_device_that_stops_answering_ends_as_a_timeout_event(server_factory) -> 
 
 
 def test_a_new_bootstrap_request_replaces_the_running_session(server_factory) -> None:
-    slow = server_factory(PILOTBOAT_BOOTSTRAP_REQUEST_TIMEOUT="3")
-    slow.start()
-    root = Api.login(slow.url, "root@pilotboat.test", "correct horse battery staple")
-    org = root.post("/api/v1/orgs", json={"name": f"supersede-{uuid.uuid4().hex[:8]}"}).json()["id"]
-    endpoint = f"urn:dev:{uuid.uuid4().hex[:12]}"
-    device_id = root.post(f"/api/v1/orgs/{org}/devices", json={"endpoint": endpoint, "state": 1}).json()["id"]
+    slow, root, org, endpoint, device_id = server_with_device(server_factory, "3")
 
     async def run() -> Any:
         async with SimulatedDevice(endpoint, slow.bootstrap_uri, answer_limit=0) as silent:

@@ -17,10 +17,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pilotboat.bootstrap.plan import BootstrapPlan, PlanRefused, build_plan
 from pilotboat.model.peer import PeerIdentity
+from pilotboat.model.principal import Principal
+from pilotboat.model.roles import Permission
 from pilotboat.security import sealed_bootstrap, secure_bootstrap
 from pilotboat.security.digests import verify_secret
 from pilotboat.security.throttle import RateBudget
 from pilotboat.services import events
+from pilotboat.services.access import require
 from pilotboat.services.devices import DeviceService
 from pilotboat.services.management_servers import ManagementServerService
 from pilotboat.services.errors import Forbidden, InvalidInput, NotFound, ServiceError, Unauthenticated, Unavailable
@@ -187,10 +190,7 @@ class BootstrapService:
             try:
                 if device is None:
                     raise PlanRefused("unknown endpoint")
-                if device.state != 1:
-                    raise PlanRefused(INACTIVE_REASON)
-                definition = await self._servers.definition_for_device(session, device)
-                return build_plan(device.id, device.org_id, endpoint, definition, authenticated=peer is not None)
+                return await self._decide(session, device, authenticated=peer is not None)
             except PlanRefused as exc:
                 refusal = exc
                 if device is not None:
@@ -204,6 +204,26 @@ class BootstrapService:
                         door=door, endpoint=endpoint[:64], not_recorded_before=self._unknown_endpoint_events.take_refused(),
                     )
         raise refusal  # after the commit of the event
+
+    async def preview(self, principal: Principal, org_id: str, device_id: str) -> BootstrapPlan:
+        """The plan the device would get if it bootstrapped over plain CoAP now (nothing is recorded);
+        ``PlanRefused`` says why it would be refused."""
+        require(principal, org_id, Permission.READ)
+        async with self._sessions() as session:
+            device = await session.get(Device, device_id)
+            if device is None or device.org_id != org_id:
+                raise NotFound("device not found")
+            if not device.endpoint:
+                raise PlanRefused("the device has no LwM2M endpoint name")
+            return await self._decide(session, device, authenticated=False)
+
+    async def _decide(self, session: AsyncSession, device: Device, *, authenticated: bool) -> BootstrapPlan:
+        """The one bootstrap decision for a known device: active, and sent to its management server."""
+        if device.state != 1:
+            raise PlanRefused(INACTIVE_REASON)
+        definition = await self._servers.definition_for_device(session, device)
+        assert device.endpoint is not None
+        return build_plan(device.id, device.org_id, device.endpoint, definition, authenticated=authenticated)
 
     async def record_session(
         self, plan: BootstrapPlan, *, door: str, outcome: str, reason: str | None = None, **detail: object

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pilotboat.lwm2m import content
+from pilotboat.model.management_server import SecurityMode
 from pilotboat.sim import AssignedServer, BootstrapResult, FleetStats, SimulatedDevice, endpoint_names, run_fleet
 from pilotboat.sim.exchange import coap_address
 from pilotboat.sim.fleet import DEFAULT_LINGER, bootstrap_device, raise_open_file_limit
@@ -37,12 +38,15 @@ class Version(enum.StrEnum):
 
 FORMATS = {WriteFormat.tlv: content.TLV, WriteFormat.senml_json: content.SENML_JSON,
            WriteFormat.senml_cbor: content.SENML_CBOR}
-MODES = {0: "PSK", 1: "RPK", 2: "certificate", 3: "NoSec", 4: "certificate (EST)"}
 
 
 def _fail(message: str) -> NoReturn:
     err.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(2)
+
+
+def _mode(value: int | None) -> str:
+    return SecurityMode(value).name if value in iter(SecurityMode) else str(value)
 
 
 def _ms(seconds: float | None) -> str:
@@ -82,7 +86,7 @@ def _print_servers(servers: tuple[AssignedServer, ...]) -> None:
     for column in ("URI", "security mode", "short server id", "lifetime", "binding"):
         table.add_column(column)
     for server in servers:
-        table.add_row(escape(server.uri or "-"), MODES.get(server.security_mode, str(server.security_mode)),
+        table.add_row(escape(server.uri or "-"), _mode(server.security_mode),
                         str(server.short_server_id), "-" if server.lifetime is None else f"{server.lifetime} s",
                         escape(server.binding or "-"))
     console.print(table)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from pilotboat.api.deps import PrincipalDep, ServicesDep
 from pilotboat.api.native.schemas import DeviceOut, Strict
+from pilotboat.bootstrap.plan import PlanRefused
 from pilotboat.services.management_servers import ManagementServerRecord, ServerFields
 
 router = APIRouter(prefix="/api/v1/orgs/{org_id}", tags=["management servers"])
@@ -119,3 +120,38 @@ async def assign_server(
 ) -> DeviceOut:
     await services.management_servers.assign(principal, org_id, device_id, body.server_id)
     return DeviceOut.of(await services.devices.get(principal, org_id, device_id))
+
+
+class PlannedServerOut(BaseModel):
+    server_id: str
+    uri: str
+    security_mode: str
+    short_server_id: int
+    lifetime: int
+    binding: str
+
+
+class BootstrapPlanOut(BaseModel):
+    device_id: str
+    transport: str = Field(description="The transport the plan is for: coap (plain CoAP, the bootstrap port)")
+    ready: bool = Field(description="Whether the device would be bootstrapped now")
+    refusal: str | None = Field(description="Why it would be refused (recorded as the reason of the event)")
+    servers: list[PlannedServerOut] = Field(description="The management servers the device would be given, in order")
+
+
+@router.get("/devices/{device_id}/bootstrap-plan", response_model=BootstrapPlanOut,
+            summary="What the device would be given if it bootstrapped now over LwM2M (nothing is recorded)")
+async def bootstrap_plan(org_id: str, device_id: str, services: ServicesDep, principal: PrincipalDep) -> BootstrapPlanOut:
+    try:
+        plan = await services.bootstrap.preview(principal, org_id, device_id)
+    except PlanRefused as refused:
+        return BootstrapPlanOut(device_id=device_id, transport="coap", ready=False, refusal=str(refused), servers=[])
+    servers = [
+        PlannedServerOut(
+            server_id=account.definition.id, uri=account.definition.uri, security_mode=account.definition.security_mode.name,
+            short_server_id=account.definition.short_server_id, lifetime=account.definition.lifetime,
+            binding=account.definition.binding,
+        )
+        for account in plan.servers
+    ]
+    return BootstrapPlanOut(device_id=device_id, transport="coap", ready=True, refusal=None, servers=servers)
