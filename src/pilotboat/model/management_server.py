@@ -9,6 +9,8 @@ from dataclasses import dataclass
 #: Id of the deployment's own (co-located) management server; it is built from the settings, not stored.
 DEFAULT_ID = "default"
 DEFAULT_LIFETIME = 86400
+#: Ten years: far beyond any useful registration lifetime, and within the 32-bit integers clients keep.
+MAX_LIFETIME = 10 * 365 * 86400
 DEFAULT_SHORT_SERVER_ID = 1
 DEFAULT_BINDING = "U"
 SCHEMES = ("coap", "coaps")

@@ -18,6 +18,7 @@ from pilotboat.model.management_server import (
     DEFAULT_ID,
     DEFAULT_LIFETIME,
     DEFAULT_SHORT_SERVER_ID,
+    MAX_LIFETIME,
     SCHEMES,
     SecurityMode,
     ServerDefinition,
@@ -34,8 +35,6 @@ MAX_NAME_CHARS = 128
 MAX_ADDRESS_CHARS = 253
 MAX_PORT = 65535
 MAX_SHORT_SERVER_ID = 65534
-#: Ten years: far beyond any useful registration lifetime, and within the 32-bit integers clients keep.
-MAX_LIFETIME = 10 * 365 * 86400
 #: The IANA port of CoAP over DTLS.
 COAPS_PORT = 5684
 #: Longest MAC address a device can have (the size of devices.mac_address).
