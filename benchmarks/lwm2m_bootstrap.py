@@ -21,6 +21,8 @@ import signal
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -62,8 +64,43 @@ def profile_summary(path: Path, lines: int = 20) -> str:
     out = io.StringIO()
     stats = pstats.Stats(str(path), stream=out)
     stats.sort_stats("tottime").print_stats(lines)
-    stats.sort_stats("cumulative").print_stats(r"pilotboat/(lwm2m|bootstrap|coap|services)", lines)
+    stats.sort_stats("cumulative").print_stats(r"pilotboat/(lwm2m|bootstrap|coap|registry|services)", lines)
     return out.getvalue()
+
+
+@contextmanager
+def benchmark_server(backend: str, profile: Path | None) -> Iterator[ServerProcess]:
+    """A started ``pilotboat serve`` on SQLite or a throw-away PostgreSQL cluster, optionally under
+    cProfile writing to ``profile``; stopped and removed afterwards."""
+    cluster = PostgresCluster() if backend == "postgresql" else None
+    if cluster is not None:
+        cluster.start()
+    server = ServerProcess(
+        cluster.new_database() if cluster else None,
+        python_args=("-m", "cProfile", "-o", str(profile)) if profile else (),
+        extra_env={"PILOTBOAT_LOG_LEVEL": "WARNING"},
+    )
+    try:
+        server.start(timeout=60)
+        yield server
+    finally:
+        if profile and server.process is not None:
+            # uvicorn re-raises the stop signal after shutting down; on SIGINT (KeyboardInterrupt) cProfile
+            # still writes its file, on SIGTERM the process dies first.
+            server.process.send_signal(signal.SIGINT)
+            server.process.wait(timeout=300)
+        server.stop()
+        shutil.rmtree(server.data_dir, ignore_errors=True)
+        if cluster is not None:
+            cluster.stop()
+
+
+def print_setting(out: Console, info: dict[str, str], backend: str, profiled: bool) -> None:
+    """The machine, the date and the server's set-up, above a benchmark's figures."""
+    out.print(f"machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram']} RAM, {info['os']}, Python {info['python']}")
+    out.print(f"date:    {info['date']}; load average before the run: {info['load_before']}")
+    database = "SQLite" if backend == "sqlite" else "PostgreSQL (local, fsync off)"
+    out.print(f"server:  pilotboat serve, one process, {database}, log level WARNING{', under cProfile' if profiled else ''}")
 
 
 def main() -> int:
@@ -78,41 +115,19 @@ def main() -> int:
     console = Console(stderr=True)
     info = machine()
 
-    cluster = PostgresCluster() if args.backend == "postgresql" else None
-    if cluster is not None:
-        cluster.start()
     profile_dir = Path(tempfile.mkdtemp(prefix="pilotboat-profile-"))
     profile = profile_dir / "server.prof"
-    server = ServerProcess(
-        cluster.new_database() if cluster else None,
-        python_args=("-m", "cProfile", "-o", str(profile)) if args.profile else (),
-        extra_env={"PILOTBOAT_LOG_LEVEL": "WARNING"},
-    )
     endpoints = endpoint_names(f"bench-{uuid.uuid4().hex[:6]}-", args.devices)
-    try:
-        server.start(timeout=60)
+    with benchmark_server(args.backend, profile if args.profile else None) as server:
         create_devices(server, endpoints, console)
         warm = endpoints[: min(50, len(endpoints))]
         run(server, warm, args.window, FORMATS[args.format], console)  # warm-up: the same devices bootstrap again below
         cpu_before = server_cpu_seconds(server)
         stats = run(server, endpoints, args.window, FORMATS[args.format], console)
         cpu_ms = (server_cpu_seconds(server) - cpu_before) * 1000 / max(stats.completed, 1)
-    finally:
-        if args.profile and server.process is not None:
-            # uvicorn re-raises the stop signal after shutting down; on SIGINT (KeyboardInterrupt) cProfile
-            # still writes its file, on SIGTERM the process dies first.
-            server.process.send_signal(signal.SIGINT)
-            server.process.wait(timeout=120)
-        server.stop()
-        shutil.rmtree(server.data_dir, ignore_errors=True)
-        if cluster is not None:
-            cluster.stop()
 
     out = Console(width=120)
-    out.print(f"machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram']} RAM, {info['os']}, Python {info['python']}")
-    out.print(f"date:    {info['date']}; load average before the run: {info['load_before']}")
-    database = "SQLite" if args.backend == "sqlite" else "PostgreSQL (local, fsync off)"
-    out.print(f"server:  pilotboat serve, one process, {database}, log level WARNING{', under cProfile' if args.profile else ''}")
+    print_setting(out, info, args.backend, args.profile)
     out.print(f"load:    {args.devices} simulated devices in this process, {args.window} sessions in flight, pct {args.format}")
     table = Table("completed", "failed", "bootstraps/s", "p50 ms", "p90 ms", "p99 ms", "server CPU ms/bootstrap")
     ms = lambda value: f"{value * 1000:.1f}" if value is not None else "-"  # noqa: E731

@@ -128,6 +128,7 @@ class ServerProcess:
     extra_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     bootstrap_port: int = field(default_factory=free_udp_port)
+    lwm2m_port: int = field(default_factory=free_udp_port)
     #: Interpreter arguments before ``-m pilotboat.cli.main serve`` (the benchmarks profile with cProfile).
     python_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
@@ -141,12 +142,17 @@ class ServerProcess:
     def bootstrap_uri(self) -> str:
         return f"coap://127.0.0.1:{self.bootstrap_port}"
 
+    @property
+    def lwm2m_uri(self) -> str:
+        return f"coap://127.0.0.1:{self.lwm2m_port}"
+
     def env(self) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("PILOTBOAT_")}
         env.update(
             PILOTBOAT_DATA_DIR=str(self.data_dir),
             PILOTBOAT_HTTP_PORT=str(self.port),
             PILOTBOAT_BOOTSTRAP_PORT=str(self.bootstrap_port),
+            PILOTBOAT_LWM2M_PORT=str(self.lwm2m_port),
             PILOTBOAT_ADMIN_EMAIL=ADMIN_EMAIL,
             PILOTBOAT_ADMIN_PASSWORD=ADMIN_PASSWORD,
             PILOTBOAT_BOOTSTRAP_ENCRYPT_KEY=ENCRYPT_KEY,

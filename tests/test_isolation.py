@@ -17,6 +17,7 @@ counter of ``/metrics``, so that a mistyped path cannot pass as a 404.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import uuid
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiocoap
 import httpx
 import pytest
 from cryptography import x509
@@ -32,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from compat_helpers import device_get, new_channel, unique
 from harness import ADMIN_EMAIL, ADMIN_PASSWORD, Api, ServerProcess, Tenant, make_tenant
+from lwm2m_helpers import coap_request
 from pilotboat.security import pki
 
 DENIED = frozenset({403, 404})
@@ -71,6 +74,12 @@ class Org:
     server_id: str  # a management-server definition, assigned to the device
     server_name: str
     server_address: str
+    webhook_id: str  # a webhook of the organisation (its URL never resolves)
+    webhook_url: str
+    webhook_secret: str  # shown once
+    endpoint: str  # the device's LwM2M endpoint name; the device is registered (from a closed socket)
+    registration_id: str
+    observation_id: str  # an observation of the device (failed: the device never answers)
 
     @property
     def org_id(self) -> str:
@@ -86,7 +95,8 @@ class Org:
             *self.tenant.users.values(), *self.emails.values(),
             self.ca_id, self.certificate_id, self.certificate_serial, self.psk_id, self.psk_identity,
             self.psk_key.upper(), self.psk_key.lower(), self.mac_address, self.server_id, self.server_name,
-            self.server_address,
+            self.server_address, self.webhook_id, self.webhook_url, self.webhook_secret, self.endpoint, self.registration_id,
+            self.observation_id,
             *pem_marks(self.ca_pem), *pem_marks(self.certificate_pem), *pem_marks(self.private_key),
         }
         return {value for value in values if value}
@@ -99,7 +109,24 @@ def pem_marks(pem: str) -> set[str]:
     return set(lines) if "PRIVATE KEY" in pem else set(lines[-1:])
 
 
-def populate(server_url: str, tenant: Tenant) -> Org:
+def register(server: ServerProcess, endpoint: str) -> str:
+    """Register ``endpoint`` with the management server from a client that then goes away; the
+    registration id."""
+    async def post() -> aiocoap.Message:
+        context = await aiocoap.Context.create_client_context()
+        try:
+            return await coap_request(context, aiocoap.POST, f"{server.lwm2m_uri}/rd?ep={endpoint}&lt=86400&lwm2m=1.1",
+                                      b"</1/0>,</3/0>,</3303/0>", content_format=40)
+        finally:
+            await context.shutdown()
+
+    response = asyncio.run(post())
+    assert response.code == aiocoap.CREATED, response
+    return response.opt.location_path[-1]
+
+
+def populate(server: ServerProcess, tenant: Tenant) -> Org:
+    server_url = server.url
     admin, org_id = tenant.admin, tenant.org_id
     users = admin.get(f"/api/v1/orgs/{org_id}/users")
     assert users.status_code == 200, users.text
@@ -124,16 +151,23 @@ def populate(server_url: str, tenant: Tenant) -> Org:
     assert psk.status_code == 201, psk.text
     (ca,) = admin.get(f"/api/v1/orgs/{org_id}/cas").json()
     mac_address = ":".join(f"{byte:02x}" for byte in uuid.uuid4().bytes[:6])
-    assert admin.patch(f"/api/v1/orgs/{org_id}/devices/{device_id}", json={"mac_address": mac_address}).status_code == 200
+    endpoint = unique("urn:dev:")
+    identified = admin.patch(f"/api/v1/orgs/{org_id}/devices/{device_id}", json={"mac_address": mac_address, "endpoint": endpoint})
+    assert identified.status_code == 200, identified.text
     server_name, server_address = unique("ms"), f"{unique('ms')}.example.test"
-    server = admin.post(f"/api/v1/orgs/{org_id}/management-servers", json={"name": server_name, "address": server_address, "port": 5683})
-    assert server.status_code == 201, server.text
-    assigned = admin.put(f"/api/v1/orgs/{org_id}/devices/{device_id}/management-server", json={"server_id": server.json()["id"]})
+    definition = admin.post(f"/api/v1/orgs/{org_id}/management-servers", json={"name": server_name, "address": server_address, "port": 5683})
+    assert definition.status_code == 201, definition.text
+    assigned = admin.put(f"/api/v1/orgs/{org_id}/devices/{device_id}/management-server", json={"server_id": definition.json()["id"]})
     assert assigned.status_code == 200, assigned.text
     assert certificate.json()["ca_id"] == ca["id"]
     bootstrap = device_get(server_url, f"/clients/bootstrap/{config['external_id']}", f"Client {config['external_key']}")
     assert bootstrap.status_code == 200, bootstrap.text
     assert bootstrap.json()["client_key"] == config["client_key"]
+    webhook = admin.post(f"/api/v1/orgs/{org_id}/webhooks", json={"url": f"https://{unique('hook')}.invalid/{unique('path')}"})
+    assert webhook.status_code == 201, webhook.text
+    registration_id = register(server, endpoint)
+    observation = admin.post(f"/api/v1/orgs/{org_id}/devices/{device_id}/observations", json={"path": "/3303/0/5700"})
+    assert observation.status_code == 201, observation.text
     return Org(
         tenant=tenant, emails=emails, channel_id=channel["id"], channel_name=channel["name"], device_id=device_id,
         device_name=config["name"], external_id=config["external_id"], external_key=config["external_key"],
@@ -141,8 +175,10 @@ def populate(server_url: str, tenant: Tenant) -> Org:
         ca_id=ca["id"], ca_pem=ca["chain_pem"], certificate_id=certificate.json()["id"],
         certificate_serial=certificate.json()["serial"], certificate_pem=certificate.json()["certificate_pem"],
         private_key=certificate.json()["private_key_pem"], psk_id=psk.json()["id"], psk_identity=psk.json()["identity"],
-        psk_key=psk.json()["key"], mac_address=mac_address, server_id=server.json()["id"], server_name=server_name,
-        server_address=server_address,
+        psk_key=psk.json()["key"], mac_address=mac_address, server_id=definition.json()["id"], server_name=server_name,
+        server_address=server_address, webhook_id=webhook.json()["id"], webhook_url=webhook.json()["url"],
+        webhook_secret=webhook.json()["secret"], endpoint=endpoint, registration_id=registration_id,
+        observation_id=observation.json()["id"],
     )
 
 
@@ -165,8 +201,8 @@ class World:
 @pytest.fixture(scope="module")
 def world(server: ServerProcess) -> Iterator[World]:
     root = Api.login(server.url, ADMIN_EMAIL, ADMIN_PASSWORD)
-    a = populate(server.url, make_tenant(server.url, root))
-    b = populate(server.url, make_tenant(server.url, root))
+    a = populate(server, make_tenant(server.url, root))
+    b = populate(server, make_tenant(server.url, root))
     root_key = root.post("/api/v1/api-keys", json={"name": unique("root-key"), "org_id": a.org_id})
     assert root_key.status_code == 201, root_key.text
     org_key = Api(server.url, a.key)
@@ -397,6 +433,71 @@ ROUTES: dict[tuple[str, str], Cases] = {
         Case(_in(w.a, device_id=w.b.device_id), json={"server_id": "default"}),
         Case(_in(w.a, device_id=w.a.device_id), json={"server_id": w.b.server_id}),
     ],
+    # --- webhooks and the live event stream ---
+    ("GET", "/api/v1/orgs/{org_id}/webhooks"): lambda w: [Case(_in(w.b))],
+    ("POST", "/api/v1/orgs/{org_id}/webhooks"): lambda w: [
+        Case(_in(w.b), json={"url": "https://intruder.invalid/hook"}),
+        Case(_in(w.b), json={"url": "https://intruder.invalid/hook", "kinds": ["device."], "secret": "intruder-secret-0123456789"}),
+    ],
+    ("GET", "/api/v1/orgs/{org_id}/webhooks/{webhook_id}"): lambda w: [
+        Case(_in(w.b, webhook_id=w.b.webhook_id)), Case(_in(w.a, webhook_id=w.b.webhook_id)),
+    ],
+    ("PATCH", "/api/v1/orgs/{org_id}/webhooks/{webhook_id}"): lambda w: [
+        Case(_in(w.b, webhook_id=w.b.webhook_id), json={"url": "https://intruder.invalid/hook", "kinds": []}),
+        Case(_in(w.a, webhook_id=w.b.webhook_id), json={"url": "https://intruder.invalid/hook", "secret": "intruder-secret-0123456789"}),
+    ],
+    ("DELETE", "/api/v1/orgs/{org_id}/webhooks/{webhook_id}"): lambda w: [
+        Case(_in(w.b, webhook_id=w.b.webhook_id)), Case(_in(w.a, webhook_id=w.b.webhook_id)),
+    ],
+    ("POST", "/api/v1/orgs/{org_id}/webhooks/{webhook_id}/enable"): lambda w: [
+        Case(_in(w.b, webhook_id=w.b.webhook_id)), Case(_in(w.a, webhook_id=w.b.webhook_id)),
+    ],
+    ("GET", "/api/v1/orgs/{org_id}/webhooks/{webhook_id}/deliveries"): lambda w: [
+        Case(_in(w.b, webhook_id=w.b.webhook_id)), Case(_in(w.a, webhook_id=w.b.webhook_id)),
+    ],
+    ("GET", "/api/v1/orgs/{org_id}/events/stream"): lambda w: [
+        Case(_in(w.b)),
+        Case(_in(w.b), query={"last_event_id": "0"}),
+        Case(_in(w.b), headers={"Last-Event-ID": "0"}, query={"kind": "bootstrap."}),
+    ],
+    # --- LwM2M device operations, observations and triggers (B's device is registered from a closed socket: a request that reached it would fail late, not 403/404) ---
+    **{(method, "/api/v1/orgs/{org_id}/devices/{device_id}/lwm2m/{path}"): (lambda w, body=body: [
+        Case(_in(w.b, device_id=w.b.device_id, path=path), json=body)
+        for path in ("3/0", "3/0/4", "3303", "3303/0/5700")
+    ] + [Case(_in(w.a, device_id=w.b.device_id, path="3/0"), json=body), Case(_in(w.b, device_id=w.b.device_id, path="0/0"))])
+      for method, body in (("GET", None), ("PUT", {"values": {"/3/0/14": "+02"}}), ("PATCH", {"values": {"/3/0/14": "+02"}}),
+                           ("POST", None), ("DELETE", None))},
+    ("GET", "/api/v1/orgs/{org_id}/directory"): lambda w: [
+        Case(_in(w.b)),
+        Case(_in(w.b), query={"endpoint": w.b.endpoint, "status": "registered"}),
+        Case(_in(w.a), query={"endpoint": w.b.endpoint}, allowed=frozenset({200}), empty_list=True),
+    ],
+    ("GET", "/api/v1/orgs/{org_id}/directory/{device_id}"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id)), Case(_in(w.a, device_id=w.b.device_id)),
+    ],
+    ("GET", "/api/v1/orgs/{org_id}/devices/{device_id}/lwm2m-requests/{request_id}"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id, request_id="unknown")),
+        Case(_in(w.a, device_id=w.b.device_id, request_id="unknown")),
+    ],
+    ("POST", "/api/v1/orgs/{org_id}/devices/{device_id}/observations"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id), json={"path": "/3/0/13"}),
+        Case(_in(w.a, device_id=w.b.device_id), json={"path": "/3/0/13"}),
+    ],
+    ("GET", "/api/v1/orgs/{org_id}/devices/{device_id}/observations"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id)), Case(_in(w.a, device_id=w.b.device_id)),
+    ],
+    ("DELETE", "/api/v1/orgs/{org_id}/devices/{device_id}/observations/{observation_id}"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id, observation_id=w.b.observation_id)),
+        Case(_in(w.a, device_id=w.b.device_id, observation_id=w.b.observation_id)),
+        Case(_in(w.a, device_id=w.a.device_id, observation_id=w.b.observation_id)),
+    ],
+    **{("POST", f"/api/v1/orgs/{{org_id}}/devices/{{device_id}}/commands/{command}"): lambda w: [
+        Case(_in(w.b, device_id=w.b.device_id)), Case(_in(w.a, device_id=w.b.device_id)),
+        Case(_in(w.b, device_id=w.b.device_id), query={"server_instance": "0"}),
+    ] for command in ("trigger-bootstrap", "trigger-update")},
+    ("POST", "/api/management/devices/{mac_address}/commands/trigger-bootstrap"): lambda w: [
+        Case({"mac_address": w.b.mac_address}), Case({"mac_address": w.b.mac_address.upper().replace(":", "-")}),
+    ],
     # --- native events ---
     ("GET", "/api/v1/orgs/{org_id}/events"): lambda w: [
         Case(_in(w.b)),
@@ -534,6 +635,7 @@ UNSCOPED: frozenset[tuple[str, str]] = frozenset({
     ("GET", "/api/certs"),
     ("PUT", "/api/certs"),
     ("GET", "/api/bootstrap"),
+    ("GET", "/api/v1/events/stream"),
     ("GET", "/clients/bootstrap/{external_id}"),
     ("GET", "/clients/bootstrap/secure/{external_id}"),
     ("GET", "/clients/bootstrap/sealed/{external_id}"),
@@ -604,6 +706,11 @@ def snapshot(w: World) -> dict[str, Any]:
         "trust-store": (b.tenant.admin, "/api/v1/trust-store", {}),
         "management-servers": (b.tenant.admin, f"/api/v1/orgs/{org_id}/management-servers", {}),
         "management-server": (b.tenant.admin, f"/api/v1/orgs/{org_id}/management-servers/{b.server_id}", {}),
+        "webhooks": (b.tenant.admin, f"/api/v1/orgs/{org_id}/webhooks", {}),
+        "webhook": (b.tenant.admin, f"/api/v1/orgs/{org_id}/webhooks/{b.webhook_id}", {}),
+        "observations": (b.tenant.admin, f"/api/v1/orgs/{org_id}/devices/{b.device_id}/observations", {}),
+        "directory": (b.tenant.admin, f"/api/v1/orgs/{org_id}/directory", {}),
+        "directory entry": (b.tenant.admin, f"/api/v1/orgs/{org_id}/directory/{b.device_id}", {}),
     }
     state: dict[str, Any] = {}
     for name, (client, path, params) in reads.items():
@@ -619,6 +726,10 @@ def snapshot(w: World) -> dict[str, Any]:
     parsed = x509.load_pem_x509_crl(crl.text.encode())
     state["crl"] = (parsed.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number,
                     sorted(revoked.serial_number for revoked in parsed))
+    # Its webhook's deliveries fail (the URL never resolves), and go on: what B set stays.
+    configured = ("id", "url", "kinds", "active", "created_at")
+    state["webhooks"] = [{k: hook[k] for k in configured} for hook in state["webhooks"]]
+    state["webhook"] = {k: state["webhook"][k] for k in configured}
     # When B last used its own key is B's business, and changes as B uses it (here too).
     state["api-keys"] = [{k: v for k, v in key.items() if k != "last_used_at"} for key in state["api-keys"]]
     with Api(w.server.url, b.key) as key_client:
@@ -802,6 +913,13 @@ def _find_dmp_servers(w: World, client: Api) -> httpx.Response:
     return response
 
 
+def _deployment_event_stream(w: World, client: Api) -> httpx.Response:
+    """Every organisation's events, live: for system administrators acting as such only."""
+    response = client.get("/api/v1/events/stream", params={"last_event_id": "0"})
+    assert response.status_code == 403, response.text
+    return response
+
+
 def _bootstrap(path: str) -> Callable[[World, Api], httpx.Response]:
     def attempt(w: World, client: Api) -> httpx.Response:
         # The caller's bearer credential is no device key: the device routes refuse it.
@@ -827,6 +945,7 @@ UNSCOPED_CHECKS: dict[tuple[str, str], Callable[[World, Api], httpx.Response]] =
     ("GET", "/api/certs"): _read_dmp_certs,
     ("PUT", "/api/certs"): _replace_dmp_certs,
     ("GET", "/api/bootstrap"): _find_dmp_servers,
+    ("GET", "/api/v1/events/stream"): _deployment_event_stream,
     **{("GET", path): _bootstrap(path) for method, path in UNSCOPED if "/bootstrap/" in path},
 }
 

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from typing import Any
 
 import pytest
 
 from harness import ADMIN_EMAIL, ADMIN_PASSWORD, Api, ServerProcess, Tenant
+from lwm2m_helpers import events_of, make_device
 from pilotboat.lwm2m import content
 from pilotboat.sim import Failure, SimulatedDevice
 
-DEFAULT_URI = "coap://127.0.0.1:5683"  # the harness server's default public host and LwM2M port
-
-
-def make_device(tenant: Tenant, *, state: int = 1) -> tuple[str, str]:
-    endpoint = f"urn:dev:{uuid.uuid4().hex[:12]}"
-    created = tenant.admin.post(f"/api/v1/orgs/{tenant.org_id}/devices", json={"name": "sim", "endpoint": endpoint, "state": state})
-    assert created.status_code == 201, created.text
-    return endpoint, created.json()["id"]
 
 
 def bootstrap(server: ServerProcess, endpoint: str, *, pack: bool = False, timeout: float = 20, **options: Any) -> tuple[Any, SimulatedDevice]:
@@ -34,17 +26,6 @@ def bootstrap(server: ServerProcess, endpoint: str, *, pack: bool = False, timeo
             return result, device
 
     return asyncio.run(run())
-
-
-def events_of(client: Api, org_id: str, device_id: str, kind: str, wait: float = 0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + wait
-    while True:
-        page = client.get(f"/api/v1/orgs/{org_id}/events", params={"kind": kind, "device_id": device_id, "limit": 50})
-        assert page.status_code == 200, page.text
-        items = page.json()["events"]
-        if items or time.monotonic() >= deadline:
-            return items
-        time.sleep(0.2)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +42,7 @@ def test_device_bootstraps_to_the_default_management_server(
     assert result.ok, result
     [assigned] = device.servers()
     assert (assigned.uri, assigned.security_mode, assigned.short_server_id, assigned.lifetime, assigned.binding) == (
-        DEFAULT_URI, 3, 1, 86400, "U",
+        server.lwm2m_uri, 3, 1, 86400, "U",
     )
     # Exactly the bootstrap account plus one Security and one Server instance.
     assert sorted(device.instances(0)) == sorted({1, assigned.security_instance}) and assigned.security_instance != 1
@@ -74,7 +55,7 @@ def test_device_bootstraps_to_the_default_management_server(
     assert "/0/1" not in [request.path for request in rest]  # never a Delete or Write on the bootstrap account
 
     [event] = events_of(tenant.admin, tenant.org_id, device_id, "bootstrap.succeeded")
-    assert event["detail"]["door"] == "lwm2m" and event["detail"]["servers"][0]["uri"] == DEFAULT_URI
+    assert event["detail"]["door"] == "lwm2m" and event["detail"]["servers"][0]["uri"] == server.lwm2m_uri
     shown = tenant.viewer.get(f"/api/v1/orgs/{tenant.org_id}/devices/{device_id}").json()
     assert shown["last_bootstrap"]["outcome"] == "ok" and shown["last_bootstrap"]["door"] == "lwm2m"
     assert shown["last_bootstrap_at"] is not None
@@ -105,7 +86,7 @@ def test_bootstrap_pack(server: ServerProcess, tenant: Tenant) -> None:
     for fmt in (content.SENML_CBOR, content.SENML_JSON):
         result, device = bootstrap(server, endpoint, pack=True, lwm2m_version="1.2", content_format=fmt)
         assert result.ok and result.method == "pack", result
-        assert [server_.uri for server_ in device.servers()] == [DEFAULT_URI]
+        assert [server_.uri for server_ in device.servers()] == [server.lwm2m_uri]
         assert device.inconsistency() is None
     events = events_of(tenant.admin, tenant.org_id, device_id, "bootstrap.succeeded")
     assert len(events) == 2 and {event["detail"]["mode"] for event in events} == {"bootstrap-pack"}
@@ -148,7 +129,7 @@ def test_assigned_device_gets_that_management_server(server: ServerProcess, tena
     back = tenant.admin.put(f"/api/v1/orgs/{tenant.org_id}/devices/{device_id}/management-server", json={"server_id": "default"})
     assert back.status_code == 200, back.text
     result, device = bootstrap(server, endpoint)
-    assert result.ok and [given.uri for given in device.servers()] == [DEFAULT_URI]
+    assert result.ok and [given.uri for given in device.servers()] == [server.lwm2m_uri]
 
 
 def test_bootstrap_plan_preview_shows_what_the_device_would_get(server: ServerProcess, tenant: Tenant) -> None:
@@ -160,7 +141,7 @@ def test_bootstrap_plan_preview_shows_what_the_device_would_get(server: ServerPr
     assert tenant.admin.put(f"/api/v1/orgs/{tenant.org_id}/devices/{device_id}/state", json={"state": 1}).status_code == 200
     ready = tenant.viewer.get(plan_url).json()
     assert ready["ready"] and [(given["server_id"], given["uri"], given["security_mode"]) for given in ready["servers"]] == [
-        ("default", DEFAULT_URI, "NOSEC"),
+        ("default", server.lwm2m_uri, "NOSEC"),
     ]
     result, device = bootstrap(server, endpoint)  # the device gets exactly what the preview showed
     assert result.ok and [given.uri for given in device.servers()] == [ready["servers"][0]["uri"]]

@@ -18,8 +18,6 @@ from harness import Api, ServerProcess, Tenant, json_of
 from pilotboat.lwm2m import content
 from pilotboat.lwm2m.model import ROOT, Path, as_dict
 
-#: The harness server runs with the default PILOTBOAT_PUBLIC_HOST and PILOTBOAT_LWM2M_PORT.
-DEFAULT_URI = "coap://127.0.0.1:5683"
 OUT_FIELDS = {
     "id", "org_id", "name", "address", "port", "uri_scheme", "uri", "security_mode", "security_mode_value",
     "short_server_id", "lifetime", "binding", "is_default", "created_at", "updated_at",
@@ -131,8 +129,8 @@ def test_default_definition_is_listed_first_and_read_only(server: ServerProcess,
         assert [entry["id"] for entry in entries] == ["default", own["id"]]
     default = entries[0]
     assert default == {
-        "id": "default", "org_id": None, "name": default["name"], "address": "127.0.0.1", "port": 5683,
-        "uri_scheme": "coap", "uri": DEFAULT_URI, "security_mode": "NOSEC", "security_mode_value": 3,
+        "id": "default", "org_id": None, "name": default["name"], "address": "127.0.0.1", "port": server.lwm2m_port,
+        "uri_scheme": "coap", "uri": server.lwm2m_uri, "security_mode": "NOSEC", "security_mode_value": 3,
         "short_server_id": 1, "lifetime": 86400, "binding": "U", "is_default": True, "created_at": None, "updated_at": None,
     }
     one = tenant.viewer.get(servers_path(org, "/default"))
@@ -150,7 +148,7 @@ def test_default_definition_is_listed_first_and_read_only(server: ServerProcess,
     native_error(other_tenant.admin.get(servers_path(org, "/default")), 404)
     assert other_tenant.admin.get(servers_path(other_tenant.org_id, "/default")).json() == default
     # The DMP door shows the same definition.
-    assert dmp_ok(tenant.viewer.get("/api/bootstrap/default"))["uri"] == DEFAULT_URI
+    assert dmp_ok(tenant.viewer.get("/api/bootstrap/default"))["uri"] == server.lwm2m_uri
     dmp_error(tenant.admin.put("/api/bootstrap/default", json={"name": "mine"}), 400)
     dmp_error(tenant.admin.delete("/api/bootstrap/default"), 400)
 
@@ -366,7 +364,7 @@ def test_assignment_and_fallback_when_a_definition_is_deleted(server: ServerProc
         (devices[2]["id"], second["id"], "default"), (devices[2]["id"], "default", second["id"]),
         (devices[2]["id"], second["id"], "default"),
     ]
-    assert assigned[0]["detail"]["uri"] == first["uri"] and assigned[3]["detail"]["uri"] == DEFAULT_URI
+    assert assigned[0]["detail"]["uri"] == first["uri"] and assigned[3]["detail"]["uri"] == server.lwm2m_uri
     (deleted,) = [event for event in events if event["kind"] == "management_server.deleted"]
     assert deleted["detail"] == {"server_id": first["id"], "name": first["name"], "uri": first["uri"], "devices_reassigned": 2}
 
@@ -391,7 +389,7 @@ def test_dmp_definitions(server: ServerProcess, tenant: Tenant) -> None:
     assert dmp_ok(client.get("/api/bootstrap", params={"Address": host()})) == []
     everything = dmp_ok(client.get("/api/bootstrap"))
     assert everything[0]["id"] == "default" and {created["id"], plain["id"]} <= {entry["id"] for entry in everything}
-    assert dmp_ok(client.get("/api/bootstrap", params={"Address": "127.0.0.1"}))[0]["uri"] == DEFAULT_URI
+    assert dmp_ok(client.get("/api/bootstrap", params={"Address": "127.0.0.1"}))[0]["uri"] == server.lwm2m_uri
     # The native API shows the same definition.
     native = client.get(servers_path(org, f"/{created['id']}")).json()
     assert (native["uri"], native["security_mode"]) == (created["uri"], "CERTIFICATE")
@@ -455,7 +453,7 @@ def test_dmp_assignment_by_mac(server: ServerProcess, root: Api, tenant: Tenant,
     assert data == {"device_id": mine["id"], "mac_address": mac.upper(), "company_id": org, "server_id": target["id"],
                     "uri": target["uri"]}
     assert native_device(tenant.admin, org, mine["id"])["management_server_id"] == target["id"]
-    assert dmp_ok(assign_by_mac(tenant.admin, mac, "default"))["uri"] == DEFAULT_URI
+    assert dmp_ok(assign_by_mac(tenant.admin, mac, "default"))["uri"] == server.lwm2m_uri
     assert native_device(tenant.admin, org, mine["id"])["management_server_id"] == "default"
     # Unknown addresses, servers of another organisation, callers who may not write: 404.
     dmp_error(assign_by_mac(tenant.admin, "02:00:5e:ff:ff:ff", target["id"]), 404)
@@ -520,7 +518,7 @@ def test_the_bootstrap_server_hands_out_the_assigned_definition(server: ServerPr
     org = tenant.org_id
     endpoint = unique("ep")
     device = new_device(tenant.admin, org, name="lwm2m", endpoint=endpoint, state=1)
-    assert packed_servers(server, endpoint) == {"uri": DEFAULT_URI, "mode": 3, "ssid": 1, "lifetime": 86400, "binding": "U"}
+    assert packed_servers(server, endpoint) == {"uri": server.lwm2m_uri, "mode": 3, "ssid": 1, "lifetime": 86400, "binding": "U"}
     own = create(tenant.admin, org, short_server_id=7, lifetime=300, binding="UQ")
     assert assign(tenant.admin, org, device["id"], own["id"]).status_code == 200
     assert packed_servers(server, endpoint) == {"uri": own["uri"], "mode": 3, "ssid": 7, "lifetime": 300, "binding": "UQ"}
@@ -536,7 +534,7 @@ def test_the_bootstrap_server_hands_out_the_assigned_definition(server: ServerPr
     assert failed["at"] > done["at"]
     # Deleting the assigned definition sends the device back to the default.
     assert tenant.admin.delete(servers_path(org, f"/{secure['id']}")).status_code == 204
-    assert packed_servers(server, endpoint)["uri"] == DEFAULT_URI
+    assert packed_servers(server, endpoint)["uri"] == server.lwm2m_uri
 
 
 @pytest.mark.parametrize("path", ["/api/bootstrap", "/api/v1/orgs/x/management-servers"])

@@ -115,11 +115,11 @@ def test_discover_shows_the_bootstrap_account_without_ssid_and_server_accounts_w
         assert [(link.target, link.params) for link in await coap.discover("/0")] == [
             ("/", (("lwm2m", "1.1"),)), ("/0/1", ()),
         ]
-        assert [link.target for link in await coap.discover("/")] == ["/", "/0/1", "/1", "/3/0"]
+        assert [link.target for link in await coap.discover("/")] == ["/", "/0/1", "/1", "/3/0", "/3303/0"]
         assert (await coap.write("/0/5", security(5, 101))).code == Code.CHANGED
         assert (await coap.write("/1/0", server(0, 101))).code == Code.CHANGED
         links = {link.target: link for link in await coap.discover("/")}
-        assert list(links) == ["/", "/0/1", "/0/5", "/1/0", "/3/0"]
+        assert list(links) == ["/", "/0/1", "/0/5", "/1/0", "/3/0", "/3303/0"]
         assert not links["/0/1"].has("ssid") and not links["/0/1"].has("uri")
         assert links["/0/5"].get("ssid") == "101" and links["/0/5"].get("uri") == MGMT_URI
         assert links["/1/0"].get("ssid") == "101"
@@ -248,6 +248,7 @@ def test_deletes_spare_the_bootstrap_account_and_the_device_object() -> None:
         await coap.write("/1/2", server(2, 11))
         assert (await coap(Code.DELETE, "/")).code == Code.DELETED
         assert sorted(device.instances(0)) == [1] and device.instances(1) == {} and sorted(device.instances(3)) == [0]
+        assert device.instances(3303) == {}  # Delete / spares only the bootstrap account and the Device object
         assert device.bootstrap_account is not None
         assert (await coap(Code.DELETE, "/1")).code == Code.DELETED
 
@@ -305,24 +306,28 @@ def test_execute_records_the_resource_and_the_bootstrap_trigger_fires() -> None:
     with_device(test, on_bootstrap_trigger=lambda: triggered.append(True))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(
     code=st.sampled_from([Code.GET, Code.PUT, Code.POST, Code.DELETE, Code.FETCH, Code.iPATCH]),
-    path=st.lists(st.sampled_from(["0", "1", "2", "3", "9", "bs", "65535", "70000", "x", ""]), max_size=5),
+    path=st.lists(st.sampled_from(["0", "1", "2", "3", "9", "3303", "5700", "bs", "65535", "70000", "x", ""]),
+                  max_size=5),
     fmt=st.one_of(st.none(), st.sampled_from([0, 40, 42, 110, 112, 1542, 11542, 11543, 65000])),
     accept=st.one_of(st.none(), st.sampled_from([0, 40, 42, 110, 112, 1542, 11542, 11543, 65000])),
     payload=st.binary(max_size=40),
+    query=st.lists(st.sampled_from(["pmin=1", "pmax", "gt=2.5", "lt=x", "st=-1", "ep=a", "pmin=1e400"]),
+                   max_size=3),
+    management=st.booleans(),
 )
 def test_any_request_gets_a_response_code(code: Code, path: list[str], fmt: int | None, accept: int | None,
-                                          payload: bytes) -> None:
+                                          payload: bytes, query: list[str], management: bool) -> None:
     store = ObjectStore.initial("fuzz", BS_URI, 1)
     requests = ServerRequests(store, lwm2m_version="1.1", on_finish=lambda problem: None, on_execute=lambda p: None)
-    message = aiocoap.Message(code=code, uri_path=tuple(path), payload=payload)
+    message = aiocoap.Message(code=code, uri_path=tuple(path), uri_query=tuple(query), payload=payload)
     if fmt is not None:
         message.opt.content_format = fmt
     if accept is not None:
         message.opt.accept = accept
-    answer = requests.handle(message)
+    answer = requests.handle(message, management=management)
     assert answer.code.is_response(), answer
     if not answer.code.is_successful():
         assert answer.payload, "error answers carry a diagnostic"
@@ -572,16 +577,20 @@ def test_a_reset_or_an_error_answer_to_the_bootstrap_request_fails_it() -> None:
 
 class BootstrapPeer:
     """A minimal bootstrap server on aiocoap: records each ``POST /bs`` query, answers ``answer`` and,
-    on 2.04, discovers ``/0``, writes one server account at a free instance in the ``pct`` format (TLV
-    without) and finishes. ``/bspack`` answers ``pack`` (a response factory)."""
+    on 2.04, discovers ``/0``, writes one server account (``server_uri``, Short Server ID 101,
+    ``lifetime``) at a free instance in the ``pct`` format (TLV without) and finishes. ``/bspack``
+    answers ``pack`` (a response factory)."""
 
     def __init__(self, *, answer: Code = Code.CHANGED, write_server: bool = True,
-                 pack: Callable[[aiocoap.Message], aiocoap.Message] | None = None) -> None:
+                 pack: Callable[[aiocoap.Message], aiocoap.Message] | None = None, server_uri: str = MGMT_URI,
+                 lifetime: int = 600) -> None:
         self.port = free_udp_port()
         self.uri = f"coap://127.0.0.1:{self.port}"
         self.answer = answer
         self.write_server = write_server
         self.pack = pack
+        self.server_uri = server_uri
+        self.lifetime = lifetime
         self.queries: list[tuple[str, ...]] = []
         self.pack_requests: list[aiocoap.Message] = []
         self.finished: dict[str, str] = {}
@@ -641,9 +650,9 @@ class BootstrapPeer:
             links = linkformat.decode((await self.send(remote, Code.GET, ("0",), accept=content.LINK_FORMAT)).payload)
             taken = {link.path.instance_id for link in links if link.path is not None and link.path.depth == 2}
             iid = next(candidate for candidate in range(100) if candidate not in taken)
-            writes = [(Path(0, iid), security(iid, 101))]
+            writes = [(Path(0, iid), security(iid, 101, self.server_uri))]
             if self.write_server:
-                writes.append((Path(1, 0), server(0, 101, lifetime=600)))
+                writes.append((Path(1, 0), server(0, 101, lifetime=self.lifetime)))
             for path, values in writes:
                 response = await self.send(remote, Code.PUT, tuple(map(str, path.ids)), content_format=fmt,
                                            payload=content.encode(fmt, values, path))
@@ -835,10 +844,11 @@ def test_invalid_device_options_are_refused() -> None:
 
 
 class PeerThread:
-    """A ``BootstrapPeer`` on its own event loop, for a command that runs its own loop."""
+    """A peer (an async context manager, such as ``BootstrapPeer``) on its own event loop, for a command
+    that runs its own loop."""
 
-    def __init__(self) -> None:
-        self.peer = BootstrapPeer()
+    def __init__(self, peer: Any) -> None:
+        self.peer = peer
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -850,10 +860,14 @@ class PeerThread:
             self._ready.set()
             await self._stop.wait()
 
-    def __enter__(self) -> BootstrapPeer:
+    def __enter__(self) -> Any:
         self._thread.start()
         assert self._ready.wait(10)
         return self.peer
+
+    def call(self, coroutine: Coroutine[Any, Any, Any], timeout: float = 10) -> Any:
+        """Run ``coroutine`` on the peer's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def __exit__(self, *exc_info: object) -> None:
         assert self._stop is not None
@@ -876,7 +890,7 @@ def cli(*args: str) -> Any:
 
 @pytest.mark.usefixtures("wide_console")
 def test_the_cli_bootstraps_one_device_or_a_fleet_and_fails_when_any_device_fails() -> None:
-    with PeerThread() as peer:
+    with PeerThread(BootstrapPeer()) as peer:
         single = cli("--server", peer.uri, "--endpoint", "cli-dev", "--format", "senml-json", "--timeout", "5")
         assert single.exit_code == 0, single.output
         assert "cli-dev" in single.output and MGMT_URI in single.output and "/0/1 kept" in single.output

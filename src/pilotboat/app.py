@@ -14,8 +14,11 @@ from pilotboat.api import errors, ops
 from pilotboat.api.body_guard import BodyGuard
 from pilotboat.api.compat import creator, dmp, magistrala, mainflux
 from pilotboat.api.native import router as native_router
+from pilotboat.api.native.event_stream import end_streams_on_exit_signal
+from pilotboat.coap.load import settle_garbage_collector
 from pilotboat.coap.udp import PortInUse
 from pilotboat.lwm2m.bootstrap_server import BootstrapServer
+from pilotboat.lwm2m.management_server import ManagementServer
 from pilotboat.runtime import WrongMasterKey, build_runtime, start
 from pilotboat.settings import Settings
 
@@ -30,22 +33,41 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        bootstrap_server = None
+        bootstrap_server = management_server = None
+        services = runtime.services
         try:
             await start(settings, runtime)
+            services.event_log.start()
+            await services.event_feed.start()
+            services.webhook_dispatcher.start()
             if settings.bootstrap_port:
                 bootstrap_server = await BootstrapServer.start(
                     runtime.services.bootstrap, settings.coap_host, settings.bootstrap_port,
                     request_timeout=settings.bootstrap_request_timeout, max_sessions=settings.bootstrap_max_sessions,
                 )
+            if settings.lwm2m_listen:
+                management_server = await ManagementServer.start(
+                    services.registry, runtime.device_link, settings.coap_host, settings.lwm2m_port,
+                )
+                await services.registry.start()
         except (WrongMasterKey, PortInUse) as exc:
             log.error(str(exc))
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise
+        settle_garbage_collector()
         log.info("pilotboat ready", extra={"version": __version__, "database": runtime.engine.url.get_backend_name()})
+        # Open event streams end at once on SIGTERM/SIGINT: the HTTP server waits for open responses.
+        restore_signals = end_streams_on_exit_signal(services.event_feed.stop_streams)
         yield
+        restore_signals()
+        await services.webhook_dispatcher.close()
+        await services.event_feed.close()
         if bootstrap_server is not None:
             await bootstrap_server.close()
+        if management_server is not None:
+            await services.registry.close()
+            await management_server.close()
+        await services.event_log.close()
         await runtime.engine.dispose()
 
     app = FastAPI(
@@ -59,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.services = runtime.services
     app.state.settings = settings
     errors.install(app)
+    ops.watch(runtime.services)
     ops.install_docs(app)
     # Routes match in order: the device-facing compat routes (the hot path) come first.
     app.include_router(magistrala.router)

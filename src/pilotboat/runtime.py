@@ -9,19 +9,31 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pilotboat.bootstrap.service import BootstrapService, SecureKeys
+from pilotboat.lwm2m.management_server import CoapDeviceLink
 from pilotboat.model.management_server import default_definition
+from pilotboat.registry.hold import RegistrationHold
+from pilotboat.registry.service import RegistryService
+from pilotboat.registry.store import MemoryRegistrationStore
 from pilotboat.security.sealing import Sealer, load_master_keys
 from pilotboat.security.tokens import TokenCodec
 from pilotboat.services.accounts import AccountService
 from pilotboat.services.authorities import AuthorityService
 from pilotboat.services.certificates import CertificateService
 from pilotboat.services.container import Services
+from pilotboat.services.device_operations import DeviceOperationService
 from pilotboat.services.devices import DeviceService
+from pilotboat.services.directory import DirectoryService
+from pilotboat.services.event_feed import EventFeed
+from pilotboat.services.event_log import EventLog
+from pilotboat.services.event_stream import EventStreams
 from pilotboat.services.events import EventService
 from pilotboat.services.keyring import KeyringService
 from pilotboat.services.management_servers import ManagementServerService
+from pilotboat.services.observations import ObservationService
 from pilotboat.services.psks import PskService
 from pilotboat.services.trust import TrustService
+from pilotboat.services.webhook_delivery import DeliveryPolicy, WebhookDispatcher
+from pilotboat.services.webhooks import WebhookService
 from pilotboat.settings import Settings
 from pilotboat.store import database
 
@@ -34,6 +46,8 @@ class Runtime:
 
     engine: AsyncEngine
     services: Services
+    #: Carries the management server's requests to registered devices (plain CoAP).
+    device_link: CoapDeviceLink
 
 
 def secure_keys(settings: Settings) -> SecureKeys | None:
@@ -41,6 +55,15 @@ def secure_keys(settings: Settings) -> SecureKeys | None:
     if settings.bootstrap_encrypt_key is None:
         return None
     return SecureKeys.from_setting(settings.bootstrap_encrypt_key.get_secret_value())
+
+
+def delivery_policy(settings: Settings) -> DeliveryPolicy:
+    return DeliveryPolicy(
+        timeout=settings.webhook_timeout, backoff_initial=settings.webhook_backoff_initial,
+        backoff_max=settings.webhook_backoff_max, max_failures=settings.webhook_max_failures,
+        max_failing=settings.webhook_max_failing_seconds, log_size=settings.webhook_delivery_log,
+        allow_private=settings.webhook_allow_private,
+    )
 
 
 def build_runtime(settings: Settings) -> Runtime:
@@ -53,6 +76,23 @@ def build_runtime(settings: Settings) -> Runtime:
     devices = DeviceService(sessions, sealer)
     authorities = AuthorityService(sessions, sealer)
     management_servers = ManagementServerService(sessions, default_definition(settings.public_host, settings.lwm2m_port))
+    event_log = EventLog(sessions)
+    registry = RegistryService(
+        sessions, MemoryRegistrationStore(grace=settings.registration_grace), event_log,
+        hold=RegistrationHold(hold=settings.registration_hold_seconds),
+    )
+    device_link = CoapDeviceLink()
+    registry.add_listener(device_link)
+    device_operations = DeviceOperationService(
+        sessions, registry, device_link, event_log, default_timeout=settings.lwm2m_request_timeout,
+        awake_seconds=settings.lwm2m_queue_awake_seconds, queue_ttl=settings.lwm2m_queue_request_ttl,
+        queue_per_device=settings.lwm2m_queue_per_device, queue_total=settings.lwm2m_queue_total,
+    )
+    observations = ObservationService(sessions, registry, device_link, event_log, device_operations)
+    registry.add_listener(device_operations)
+    registry.add_listener(observations)
+    event_feed = EventFeed(sessions, event_log)
+    webhook_dispatcher = WebhookDispatcher(sessions, sealer, event_feed, delivery_policy(settings))
     services = Services(
         accounts=AccountService(sessions, tokens, authorities),
         devices=devices,
@@ -64,8 +104,21 @@ def build_runtime(settings: Settings) -> Runtime:
         trust=TrustService(sessions),
         keyring=KeyringService(sessions, sealer),
         management_servers=management_servers,
+        event_log=event_log,
+        event_feed=event_feed,
+        event_streams=EventStreams(
+            sessions, event_feed, max_streams=settings.event_stream_max, heartbeat=settings.event_stream_heartbeat,
+        ),
+        webhooks=WebhookService(
+            sessions, sealer, allow_private=settings.webhook_allow_private, changed=webhook_dispatcher.changed,
+        ),
+        webhook_dispatcher=webhook_dispatcher,
+        registry=registry,
+        directory=DirectoryService(sessions, registry),
+        device_operations=device_operations,
+        observations=observations,
     )
-    return Runtime(engine, services)
+    return Runtime(engine, services, device_link)
 
 
 class WrongMasterKey(RuntimeError):

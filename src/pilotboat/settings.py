@@ -63,6 +63,61 @@ class Settings(BaseSettings):
     bootstrap_max_sessions: int = Field(
         default=10_000, ge=1, description="Bootstrap sessions running at once; further requests are answered 5.03 with Max-Age.",
     )
+    lwm2m_listen: bool = Field(
+        default=True, description="Run the LwM2M management server on the LwM2M port (off: devices are sent to another deployment's).",
+    )
+    registration_grace: float = Field(
+        default=30.0, ge=0, le=3600, description="Seconds a registration outlives its lifetime before it expires.",
+    )
+    registration_hold_seconds: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="Seconds an endpoint is on hold after more than 10 Register/Update requests within 10 s.",
+    )
+    lwm2m_request_timeout: float = Field(
+        default=10.0, gt=0, le=300,
+        description="Default seconds a device operation (read, write…) waits for the device's answer; callers may ask for up to 300.",
+    )
+    lwm2m_queue_awake_seconds: float = Field(
+        default=93.0, gt=0, le=86400,
+        description="Seconds a queue-mode device stays reachable after its Register or Update; later requests wait for its next one.",
+    )
+    lwm2m_queue_request_ttl: float = Field(
+        default=86400.0, gt=0, le=7 * 86400, description="Seconds a request held for a sleeping queue-mode device waits before it expires.",
+    )
+    lwm2m_queue_per_device: int = Field(
+        default=32, ge=1, le=10_000, description="Requests held at most per sleeping queue-mode device (more: 429).",
+    )
+    lwm2m_queue_total: int = Field(
+        default=100_000, ge=1, description="Requests held at most for all sleeping queue-mode devices of this node (more: 503).",
+    )
+    event_stream_max: int = Field(
+        default=1000, ge=1, description="Live event streams (SSE) one node serves at once; further ones are answered 503.",
+    )
+    event_stream_heartbeat: float = Field(
+        default=15.0, gt=0, le=300, description="Seconds of quiet after which a live event stream sends a keep-alive comment.",
+    )
+    webhook_timeout: float = Field(
+        default=10.0, gt=0, le=300, description="Seconds a webhook delivery (one POST) may take before it counts as failed.",
+    )
+    webhook_backoff_initial: float = Field(
+        default=1.0, gt=0, le=3600, description="Seconds before the first retry of a failed webhook delivery; doubled after each failure.",
+    )
+    webhook_backoff_max: float = Field(
+        default=300.0, gt=0, le=86400, description="Longest pause between two attempts of a failing webhook delivery.",
+    )
+    webhook_max_failures: int = Field(
+        default=20, ge=1, le=100_000, description="Failed deliveries in a row after which a webhook is disabled.",
+    )
+    webhook_max_failing_seconds: float = Field(
+        default=86400.0, gt=0, description="Seconds of failing deliveries (without a success) after which a webhook is disabled.",
+    )
+    webhook_delivery_log: int = Field(
+        default=200, ge=1, le=100_000, description="Delivery attempts kept in each webhook's delivery log (the newest).",
+    )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Let webhooks reach loopback, private and link-local addresses (off: such URLs are refused, and so are hosts resolving to them).",
+    )
     token_ttl_seconds: int = Field(default=3600, ge=1, le=86400 * 30, description="Lifetime of access tokens.")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest accepted HTTP request body.")
     log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")

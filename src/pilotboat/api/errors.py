@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 
 from pilotboat.services.errors import (
     Conflict,
+    DeviceTimeout,
     Forbidden,
     InvalidInput,
     NotFound,
@@ -37,6 +38,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     Conflict: 409,
     TooManyRequests: 429,
     Unavailable: 503,
+    DeviceTimeout: 504,
 }
 
 
@@ -66,7 +68,10 @@ def _challenge(path: str, family: str) -> str:
     return "Bearer"
 
 
-def error_response(path: str, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    path: str, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
     family = door_family(path)
     if family == "native":
         body: dict[str, Any] = {"detail": message}
@@ -83,6 +88,8 @@ def error_response(path: str, status: int, message: str, field: str | None = Non
         body = {"message": message}
     if status == 401 and headers is None:
         headers = {"WWW-Authenticate": _challenge(path, family)}
+    if extra and family in ("native", "dmp"):
+        body.update(extra)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -108,7 +115,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyRequests) else None
-        return error_response(request.url.path, STATUS_BY_ERROR.get(type(exc), 400), exc.message, exc.field, headers)
+        extra = {"request_id": exc.request_id} if isinstance(exc, DeviceTimeout) and exc.request_id else None
+        return error_response(request.url.path, STATUS_BY_ERROR.get(type(exc), 400), exc.message, exc.field, headers, extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -6,22 +6,29 @@ import logging
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import swagger_ui_bundle
 from fastapi import APIRouter, FastAPI, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pilotboat import __version__
+
+if TYPE_CHECKING:
+    from pilotboat.services.container import Services
 
 log = logging.getLogger("pilotboat.http")
 
 _CONVERTER = re.compile(r":[a-z]+}")
 REQUESTS = Counter("pilotboat_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("pilotboat_http_request_seconds", "HTTP request latency", ["method", "route"])
+REGISTRATIONS = Gauge("pilotboat_lwm2m_registrations", "LwM2M registrations held by this node")
+EVENTS_QUEUED = Gauge("pilotboat_events_queued", "Events of the hot paths waiting to be written")
+EVENTS_DROPPED = Gauge("pilotboat_events_dropped", "Events dropped since start because the database was away too long")
 SWAGGER_DIR = Path(str(swagger_ui_bundle.swagger_ui_path))
 
 router = APIRouter(tags=["operations"])
@@ -35,6 +42,13 @@ async def health() -> dict[str, str]:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def watch(services: Services) -> None:
+    """Read the node's LwM2M and event-writer state at each scrape."""
+    REGISTRATIONS.set_function(lambda: services.registry.registered)
+    EVENTS_QUEUED.set_function(lambda: len(services.event_log))
+    EVENTS_DROPPED.set_function(lambda: services.event_log.dropped)
 
 
 def install_docs(app: FastAPI) -> None:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from pilotboat import __version__
-from pilotboat.cli import admin, bootstrap, credentials, keys, simulate
+from pilotboat.cli import admin, bootstrap, credentials, devices, events, keys, lwm2m, simulate
 from pilotboat.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -27,6 +27,9 @@ app.add_typer(admin.app, name="admin")
 app.add_typer(credentials.app, name="credentials")
 app.add_typer(keys.app, name="keys")
 app.add_typer(simulate.app, name="simulate")
+app.add_typer(devices.app, name="devices")
+app.add_typer(lwm2m.app, name="lwm2m")
+app.add_typer(events.app, name="events")
 
 err = Console(stderr=True)
 

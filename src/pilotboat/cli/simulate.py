@@ -1,9 +1,11 @@
-"""``pilotboat simulate``: simulated LwM2M devices against a running server (one device, or a fleet)."""
+"""``pilotboat simulate``: simulated LwM2M devices against a running server: bootstrap one device or a
+fleet, register a fleet with a management server, or run one device that stays registered."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from dataclasses import dataclass
 from typing import Annotated, NoReturn
 
@@ -14,9 +16,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pilotboat.lwm2m import content
-from pilotboat.model.management_server import SecurityMode
-from pilotboat.sim import AssignedServer, BootstrapResult, FleetStats, SimulatedDevice, endpoint_names, run_fleet
-from pilotboat.sim.exchange import coap_address
+from pilotboat.model.management_server import DEFAULT_LIFETIME, SecurityMode
+from pilotboat.sim import (
+    AssignedServer,
+    BootstrapResult,
+    FleetStats,
+    ReceivedRequest,
+    RegistrationFleetStats,
+    RegistrationResult,
+    SimulatedDevice,
+    Timing,
+    endpoint_names,
+    register_fleet,
+    run_fleet,
+)
+from pilotboat.sim.exchange import BLOCK_SIZES, coap_address
 from pilotboat.sim.fleet import DEFAULT_LINGER, bootstrap_device, raise_open_file_limit
 
 app = typer.Typer(help="Simulated LwM2M devices, one or thousands, against a running server.", no_args_is_help=True)
@@ -193,3 +207,201 @@ def bootstrap(
         ok = asyncio.run(_many(endpoint_names(prefix, devices), options, rate, window))
     if not ok:
         raise typer.Exit(1)
+
+
+# --- registration with a management server -----------------------------------------------------------
+
+
+def _check_uri(uri: str) -> None:
+    try:
+        coap_address(uri)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _timing(block_size: int) -> Timing:
+    if block_size not in BLOCK_SIZES:
+        _fail(f"--block-size is one of {', '.join(map(str, BLOCK_SIZES))}")
+    return Timing(block_size=block_size)
+
+
+def _phase_rows(table: Table, stats: FleetStats, noun: str) -> None:
+    table.add_row(f"{noun} ok", f"[green]{stats.completed}[/green]")
+    table.add_row(f"{noun} failed", f"[red]{stats.failed}[/red]" if stats.failed else "0")
+    for reason, count in stats.failures.items():
+        table.add_row(f"  {escape(reason)}", str(count))
+
+
+def _print_registration_fleet(stats: RegistrationFleetStats, kept_running: float) -> None:
+    table = Table(title="Fleet registration", show_header=False)
+    first = stats.registrations
+    table.add_row("devices", str(len(first.results)))
+    _phase_rows(table, first, "registered")
+    table.add_row("elapsed", f"{first.elapsed:.2f} s")
+    table.add_row("registrations/s", f"{first.rate:.1f}")
+    for share in (50, 90, 99):
+        table.add_row(f"latency p{share}", _ms(first.latency(share)))
+    if kept_running:
+        updates = stats.updates
+        table.add_row("kept running", f"{updates.elapsed:.1f} s")
+        _phase_rows(table, updates, "updates")
+        table.add_row("registered again", str(stats.reregistrations))
+        table.add_row("updates/s", f"{updates.rate:.1f}")
+        for share in (50, 99):
+            table.add_row(f"update latency p{share}", _ms(updates.latency(share)))
+    if stats.deregistrations.results:
+        _phase_rows(table, stats.deregistrations, "de-registered")
+    console.print(table)
+
+
+@app.command("register", help="Register a fleet of devices directly with a management server (factory "
+                              "accounts, no bootstrap), optionally keep them registered for a while, then "
+                              "de-register them. Exits 1 when any Register, Update or De-register failed.")
+def register(
+    count: Annotated[int, typer.Option(help="How many devices", min=1)],
+    server: Annotated[str, typer.Option(help="The management server's coap:// URI")] = "coap://127.0.0.1:5683",
+    prefix: Annotated[str, typer.Option(help="Endpoint names: <prefix><zero-padded index>")] = "sim-",
+    lifetime: Annotated[int, typer.Option(help="Registration lifetime in seconds", min=1)] = DEFAULT_LIFETIME,
+    queue: Annotated[bool, typer.Option("--queue", help="Register in queue mode")] = False,
+    lwm2m: Annotated[Version, typer.Option("--lwm2m", help="LwM2M version of the devices")] = Version.v1_1,
+    format: Annotated[WriteFormat | None, typer.Option("--format", help="Preferred format announced as ct "
+                                                                       "(1.1+)")] = None,
+    rate: Annotated[float | None, typer.Option(help="Registers started per second (default: no limit)")] = None,
+    window: Annotated[int, typer.Option(help="Most Registers in flight", min=1)] = 100,
+    timeout: Annotated[float, typer.Option(help="Seconds each Register may take", min=0.1)] = 30.0,
+    keep_running: Annotated[float, typer.Option(help="Seconds the fleet stays registered, sending Updates",
+                                                min=0)] = 0.0,
+    sensors: Annotated[int, typer.Option(help="Temperature instances per device (more make larger "
+                                              "registrations)", min=0)] = 1,
+    block_size: Annotated[int, typer.Option(help="Block1 size of registration payloads")] = 1024,
+    deregister: Annotated[bool, typer.Option(help="De-register at the end (else the devices just vanish)")] = True,
+) -> None:
+    _check_uri(server)
+    if rate is not None and rate <= 0:
+        _fail("--rate must be positive")
+    if format is not None and lwm2m is Version.v1_0:
+        _fail("LwM2M 1.0 devices announce no format: drop --format or use --lwm2m 1.1")
+    timing = _timing(block_size)
+    endpoints = endpoint_names(prefix, count)
+    stats = asyncio.run(_register_fleet(endpoints, server, lifetime=lifetime, queue_mode=queue,
+                                        lwm2m_version=lwm2m.value, content_format=FORMATS[format] if format else None,
+                                        rate=rate, window=window, timeout=timeout, keep_running=keep_running,
+                                        temperature_sensors=sensors, deregister=deregister, timing=timing))
+    _print_registration_fleet(stats, keep_running)
+    if stats.registrations.failed or stats.updates.failed or stats.deregistrations.failed:
+        raise typer.Exit(1)
+
+
+async def _register_fleet(endpoints: list[str], server: str, **options: object) -> RegistrationFleetStats:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("registering", total=len(endpoints), failed=0)
+        done = failed = 0
+
+        def advance(result: RegistrationResult) -> None:
+            nonlocal done, failed
+            done += 1
+            failed += 0 if result.ok else 1
+            progress.update(task, advance=1, failed=failed)
+            if done == len(endpoints) and options.get("keep_running"):
+                progress.update(task, description="registered, running")
+
+        return await register_fleet(server, endpoints, progress=advance, **options)  # type: ignore[arg-type]
+
+
+def _clock() -> str:
+    return time.strftime("%H:%M:%S")
+
+
+def _show_request(request: ReceivedRequest) -> None:
+    parts = [request.method, request.path]
+    if request.query:
+        parts.append("?" + "&".join(request.query))
+    if request.observe is not None:
+        parts.append("observe" if request.observe == 0 else "cancel observation")
+    if request.content_format is not None:
+        parts.append(f"format {_format(request.content_format)}")
+    if request.accept is not None:
+        parts.append(f"accept {_format(request.accept)}")
+    console.print(f"{_clock()} [cyan]{escape(' '.join(parts))}[/cyan] -> {request.code or '[red]no answer[/red]'}")
+
+
+def _show_registration(result: RegistrationResult) -> None:
+    if result.ok:
+        where = f" {escape(result.location)}" if result.location and result.operation == "register" else ""
+        console.print(f"{_clock()} [green]{result.operation}[/green] {result.code}{where} ({_ms(result.latency)})")
+    else:
+        console.print(f"{_clock()} [red]{result.operation} failed[/red]: {escape(result.reason or '')}"
+                      f"{': ' + escape(result.detail) if result.detail else ''}")
+
+
+@app.command("device", help="Run one device: bootstrap it (--bootstrap) or give it a factory account (--server), "
+                            "register, and keep answering the management server until Ctrl-C (or --duration), "
+                            "printing every request and registration exchange. Exits 1 when the bootstrap or "
+                            "the first Register failed.")
+def device(
+    endpoint: Annotated[str, typer.Argument(help="The device's endpoint name")],
+    bootstrap: Annotated[str | None, typer.Option(help="Bootstrap first with this coap:// bootstrap server")] = None,
+    server: Annotated[str | None, typer.Option(help="Register directly with this coap:// management server")] = None,
+    lifetime: Annotated[int, typer.Option(help="Registration lifetime with --server", min=1)] = DEFAULT_LIFETIME,
+    queue: Annotated[bool, typer.Option("--queue", help="Register in queue mode")] = False,
+    lwm2m: Annotated[Version, typer.Option("--lwm2m", help="LwM2M version of the device")] = Version.v1_1,
+    format: Annotated[WriteFormat | None, typer.Option("--format", help="Preferred format (pct and ct, 1.1+)")] = None,
+    sensors: Annotated[int, typer.Option(help="Temperature instances (/3303/x)", min=0)] = 1,
+    sensor_interval: Annotated[float, typer.Option(help="Seconds between temperature readings", min=0.01)] = 10.0,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: Ctrl-C)",
+                                                   min=0)] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds the bootstrap and the first Register may take",
+                                           min=0.1)] = 30.0,
+    deregister: Annotated[bool, typer.Option(help="De-register when stopping")] = True,
+) -> None:
+    if (bootstrap is None) == (server is None):
+        _fail("give either --bootstrap URI or --server URI")
+    _check_uri(bootstrap or server or "")
+    if format is not None and lwm2m is Version.v1_0:
+        _fail("LwM2M 1.0 devices send no preferred format: drop --format or use --lwm2m 1.1")
+    simulated = SimulatedDevice(endpoint, bootstrap, server_uri=server, lifetime=lifetime, queue_mode=queue,
+                                lwm2m_version=lwm2m.value, content_format=FORMATS[format] if format else None,
+                                temperature_sensors=sensors, sensor_interval=sensor_interval,
+                                on_request=_show_request, on_registration=_show_registration)
+    options = _RunOptions(timeout, duration, deregister)
+    try:
+        ok = asyncio.run(_run_device(simulated, options))
+    except KeyboardInterrupt:
+        ok = True
+    console.print(f"{_clock()} stopped: {simulated.answered} requests answered, {simulated.notifications} "
+                  f"notifications sent")
+    if not ok:
+        raise typer.Exit(1)
+
+
+@dataclass(frozen=True)
+class _RunOptions:
+    timeout: float
+    duration: float | None
+    deregister: bool
+
+
+async def _run_device(simulated: SimulatedDevice, options: _RunOptions) -> bool:
+    try:
+        if simulated.bootstrap_uri is not None:
+            result = await simulated.bootstrap(options.timeout)
+            _print_device(result, simulated)
+            if not result.ok:
+                return False
+        first = await simulated.register(options.timeout)
+        if not first.ok:
+            return False
+        account = simulated.management_server
+        assert account is not None
+        console.print(f"{_clock()} registered with {escape(account.uri or '')} as {escape(simulated.endpoint)}; "
+                      f"answering requests" + (" until Ctrl-C" if options.duration is None else ""))
+        if options.duration is None:
+            await asyncio.Event().wait()  # until Ctrl-C cancels it
+        else:
+            await asyncio.sleep(options.duration)
+        return True
+    finally:
+        await simulated.close(deregister=options.deregister and simulated.registered)
+

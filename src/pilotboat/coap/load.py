@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 
+#: CPython's collection thresholds on a serving node (its defaults: 700, 10, 10).
+GC_THRESHOLDS = (50_000, 20, 100)
 #: Lag above which new bootstrap sessions are refused for a while: a quarter of CoAP's ACK_TIMEOUT (2 s).
 SHED_LAG_SECONDS = 0.5
 
@@ -44,3 +47,17 @@ class LoopLag:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def settle_garbage_collector() -> None:
+    """Fewer garbage-collector pauses on a busy node; call once, when start-up is done.
+
+    aiocoap keeps every response for EXCHANGE_LIFETIME (247 s) to answer retransmissions: at a thousand
+    requests per second, hundreds of thousands of live objects. CPython's full collections visit all of
+    them and stopped the event loop for 0.5–1 s each, every few seconds, in the registration benchmark
+    (docs/benchmarks.md). The objects of start-up are frozen out of collections and the thresholds
+    raised, so that full collections come much less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)

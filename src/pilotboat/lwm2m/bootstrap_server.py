@@ -22,7 +22,8 @@ from pilotboat.bootstrap.service import BootstrapService
 from pilotboat.coap import udp
 from pilotboat.coap.load import LoopLag
 from pilotboat.lwm2m import content
-from pilotboat.lwm2m.bootstrap_session import BootstrapFailed, BootstrapSession, Reply, Request, pack_values
+from pilotboat.lwm2m.bootstrap_session import BootstrapFailed, BootstrapSession, Request, pack_values
+from pilotboat.lwm2m.messages import Reply
 from pilotboat.lwm2m.model import ROOT, CodecError
 
 log = logging.getLogger("pilotboat.lwm2m.bootstrap")

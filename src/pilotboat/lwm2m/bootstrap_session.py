@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from pilotboat.bootstrap.plan import BootstrapPlan, ServerAccount
 from pilotboat.lwm2m import content, linkformat, objects
+from pilotboat.lwm2m.messages import Reply
 from pilotboat.lwm2m.model import CodecError, Path, Value
 
 #: Formats a bootstrap write may use; anything else the client names in ``pct`` falls back to TLV.
@@ -39,17 +40,6 @@ class Request:
 
     def __str__(self) -> str:
         return f"{self.method} {'/bs' if self.path is None else self.path}"
-
-
-@dataclass(frozen=True)
-class Reply:
-    code: str  # "2.04", "4.06"…
-    content_format: int | None = None
-    payload: bytes = b""
-
-    @property
-    def ok(self) -> bool:
-        return self.code.startswith("2.")
 
 
 class BootstrapFailed(Exception):

@@ -27,9 +27,11 @@ MAX_OBJECT_LINKS = 1024
 class RegistrationError(ValueError):
     """A request the registration interface refuses; ``code`` is the CoAP answer."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        #: Seconds the client should wait (sent as Max-Age with 4.29 and 5.03).
+        self.retry_after = retry_after
 
 
 def _bad(message: str) -> RegistrationError:

@@ -129,6 +129,7 @@ class MemoryRegistrationStore:
 
     #: Stale entries tolerated regardless of size, so tiny stores do not rebuild on every update.
     _MIN_STALE = 64
+    durable = False
 
     def __init__(self, grace: float) -> None:
         if grace < 0:

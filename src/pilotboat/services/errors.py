@@ -38,3 +38,11 @@ class TooManyRequests(ServiceError):
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class DeviceTimeout(ServiceError):
+    """A device did not answer in time; ``request_id`` names the request when it is still tracked."""
+
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id

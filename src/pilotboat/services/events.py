@@ -26,8 +26,27 @@ log = logging.getLogger("pilotboat.events")
 BOOTSTRAP_SUCCEEDED = "bootstrap.succeeded"
 #: A bootstrap was refused or did not complete; ``outcome`` and ``reason`` say how.
 BOOTSTRAP_FAILED = "bootstrap.failed"
+#: The LwM2M management server (issue 5): registrations and what happens to them.
+LWM2M_REGISTERED = "lwm2m.registered"
+LWM2M_UPDATED = "lwm2m.updated"
+LWM2M_DEREGISTERED = "lwm2m.deregistered"
+LWM2M_EXPIRED = "lwm2m.expired"
+LWM2M_REFUSED = "lwm2m.refused"
+LWM2M_HELD = "lwm2m.held"
+LWM2M_RELEASED = "lwm2m.released"
+#: A notification of an observation, with the decoded values.
+LWM2M_NOTIFICATION = "lwm2m.notification"
+#: The result of a device operation (read, write, execute…) requested over the API.
+LWM2M_OPERATION = "lwm2m.operation"
 #: Size of the events.reason column.
 MAX_REASON_CHARS = 256
+
+
+def clipped(reason: str | None) -> str | None:
+    """``reason`` cut to the size of the events.reason column."""
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        return reason[: MAX_REASON_CHARS - 1] + "…"
+    return reason
 
 
 def record(
@@ -42,10 +61,9 @@ def record(
     **detail: Any,
 ) -> None:
     """Add an event to ``session`` (committed, or rolled back, with the change it describes)."""
-    if reason is not None and len(reason) > MAX_REASON_CHARS:
-        reason = reason[: MAX_REASON_CHARS - 1] + "…"
     session.add(
-        Event(kind=kind, org_id=org_id, device_id=device_id, actor=actor, outcome=outcome, reason=reason, detail=detail)
+        Event(kind=kind, org_id=org_id, device_id=device_id, actor=actor, outcome=outcome, reason=clipped(reason),
+              detail=detail)
     )
     log.info(
         f"event {kind}",

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pilotboat.model.management_server import (
@@ -28,6 +28,7 @@ from pilotboat.model.roles import Permission
 from pilotboat.services import events
 from pilotboat.services.access import require, require_org
 from pilotboat.services.errors import Conflict, InvalidInput, NotFound
+from pilotboat.services.mac_addresses import writable_device_by_mac
 from pilotboat.services.transaction import writing
 from pilotboat.store.tables import Device, ManagementServer, new_id
 
@@ -37,12 +38,6 @@ MAX_PORT = 65535
 MAX_SHORT_SERVER_ID = 65534
 #: The IANA port of CoAP over DTLS.
 COAPS_PORT = 5684
-#: Longest MAC address a device can have (the size of devices.mac_address).
-MAX_MAC_CHARS = 64
-#: Separators ignored when MAC addresses are compared.
-MAC_SEPARATORS = (":", "-", ".")
-#: Devices named in the refusal of an ambiguous MAC address.
-MAX_LISTED_DEVICES = 5
 DEFAULT_READ_ONLY = (
     "the default management server is this deployment's own; it comes from the settings PILOTBOAT_PUBLIC_HOST "
     "and PILOTBOAT_LWM2M_PORT and cannot be changed or deleted here"
@@ -239,21 +234,6 @@ def _summary(definition: ServerDefinition) -> dict[str, Any]:
     }
 
 
-def mac_key(mac_address: str) -> str:
-    """A MAC address as compared: lower case, without separators."""
-    key = mac_address.lower()
-    for separator in MAC_SEPARATORS:
-        key = key.replace(separator, "")
-    return key
-
-
-def _mac_column_key() -> ColumnElement[str]:
-    expression: ColumnElement[Any] = Device.mac_address
-    for separator in MAC_SEPARATORS:
-        expression = func.replace(expression, separator, "")
-    return func.lower(expression)
-
-
 def _record(row: ManagementServer) -> ManagementServerRecord:
     return ManagementServerRecord(to_definition(row), row.created_at, row.updated_at)
 
@@ -390,27 +370,11 @@ class ManagementServerService:
     async def assign_by_mac(self, principal: Principal, mac_address: str, server_id: str) -> tuple[Device, ServerDefinition]:
         """:meth:`assign` for the one device with ``mac_address`` (case and ``:``/``-``/``.`` separators
         ignored) among the organisations where the caller may write."""
-        if not mac_address or len(mac_address) > MAX_MAC_CHARS or not mac_key(mac_address):
-            raise InvalidInput(f"mac_address: 1 to {MAX_MAC_CHARS} characters", field="mac_address")
-        org_ids = [org for org in principal.visible_org_ids() if principal.can(org, Permission.WRITE)]
-        not_found = NotFound(f"no device with MAC address '{mac_address}' in the organisations you may change")
-        if not org_ids:
-            raise not_found
         async with self._writing() as session:
-            devices = list(await session.scalars(
-                select(Device).where(Device.org_id.in_(org_ids), _mac_column_key() == mac_key(mac_address))
-                .order_by(Device.created_at, Device.id).limit(MAX_LISTED_DEVICES)
-            ))
-            if not devices:
-                raise not_found
-            if len(devices) > 1:
-                listed = ", ".join(f"{device.id} (organisation {device.org_id})" for device in devices)
-                raise Conflict(
-                    f"several devices have MAC address '{mac_address}': {listed}; assign one by its id with "
-                    "PUT /api/v1/orgs/{org_id}/devices/{device_id}/management-server",
-                    field="mac_address",
-                )
-            return devices[0], await self._assign(session, principal, devices[0], server_id)
+            device = await writable_device_by_mac(
+                session, principal, mac_address, by_id="PUT /api/v1/orgs/{org_id}/devices/{device_id}/management-server",
+            )
+            return device, await self._assign(session, principal, device, server_id)
 
     # --- helpers ------------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """A small CoAP message layer over one UDP socket, for simulating many devices in one process.
 
 aiocoap's ``Message`` gives the wire format; this module adds only what a constrained device does:
-confirmable requests with RFC 7252 retransmission, piggybacked and separate responses, and answers to
-the requests a server sends it (piggybacked in the ACK, de-duplicated by message id). It uses timer
+confirmable requests with RFC 7252 retransmission, piggybacked and separate responses, Block1 (RFC 7959)
+for request payloads larger than one block, Observe notifications (RFC 7641, confirmable or not), and
+answers to the requests a server sends it (piggybacked in the ACK, de-duplicated by message id). A
+``deaf`` endpoint ignores every datagram, as a queue-mode device whose radio is off. It uses timer
 callbacks rather than a task per message, so thousands of endpoints stay cheap.
 """
 
@@ -21,30 +23,49 @@ from urllib.parse import urlsplit
 import aiocoap
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
+from aiocoap.optiontypes import BlockOption
 
 Address = tuple[str, int]
 #: Answers a request from a peer: the response (its code, options and payload; the message layer sets
 #: type, message id and token), or None to stay silent.
 RequestHandler = Callable[[aiocoap.Message, Address], aiocoap.Message | None]
+#: Told of a Reset the peer sent in answer to a non-confirmable notification: the peer and the token.
+ResetHandler = Callable[[Address, bytes], None]
 
 #: Remembered message ids of peers (for duplicate detection) per endpoint.
 DEDUP_ENTRIES = 256
 TOKEN_BYTES = 4
 COAP_PORT = 5683
+#: Non-confirmable notifications remembered (message id -> token) so that a Reset to one can cancel.
+NON_ENTRIES = 64
+BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 
 @dataclass(frozen=True)
 class Timing:
-    """RFC 7252 transmission parameters; tests shorten them."""
+    """RFC 7252 transmission parameters, the Block1 size, and the LwM2M client's timers; tests shorten them."""
 
     ack_timeout: float = 2.0
     ack_random_factor: float = 1.5
     max_retransmit: int = 4
     max_latency: float = 100.0
+    #: Block size of request payloads sent with Block1 (larger payloads are split).
+    block_size: int = 1024
+    #: An Update goes out this many seconds before the registration's lifetime ends (at half the lifetime
+    #: when that is later, as for short lifetimes).
+    update_margin: float = 93.0
+    #: A queue-mode device stays reachable this long after each message it sends.
+    awake: float = 93.0
+    #: Seconds before a failed registration is tried again; doubled after each failure, up to 32 times.
+    register_retry: float = 30.0
 
     def __post_init__(self) -> None:
         if self.ack_timeout <= 0 or self.ack_random_factor < 1 or self.max_retransmit < 0 or self.max_latency < 0:
             raise ValueError("timing: ack_timeout > 0, ack_random_factor >= 1, max_retransmit and max_latency >= 0")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"timing: block_size is one of {', '.join(map(str, BLOCK_SIZES))}")
+        if self.update_margin < 0 or self.awake < 0 or self.register_retry <= 0:
+            raise ValueError("timing: update_margin and awake >= 0, register_retry > 0")
 
     @property
     def exchange_lifetime(self) -> float:
@@ -97,12 +118,12 @@ def local_host_for(family: socket.AddressFamily, remote_host: str) -> str:
 
 
 class _Outgoing:
-    """A confirmable request in flight."""
+    """A confirmable request (or notification: its ACK ends the exchange) in flight."""
 
-    __slots__ = ("data", "mid", "token", "remote", "future", "timeout", "remaining", "timer")
+    __slots__ = ("data", "mid", "token", "remote", "future", "timeout", "remaining", "timer", "notification")
 
     def __init__(self, data: bytes, mid: int, token: bytes, remote: Address, future: asyncio.Future[aiocoap.Message],
-                 timeout: float, remaining: int) -> None:
+                 timeout: float, remaining: int, notification: bool = False) -> None:
         self.data = data
         self.mid = mid
         self.token = token
@@ -111,6 +132,7 @@ class _Outgoing:
         self.timeout = timeout
         self.remaining = remaining
         self.timer: asyncio.TimerHandle | None = None
+        self.notification = notification
 
 
 class Endpoint(asyncio.DatagramProtocol):
@@ -126,8 +148,15 @@ class Endpoint(asyncio.DatagramProtocol):
         self._by_mid: dict[int, _Outgoing] = {}
         #: (peer, message id) -> (expiry, the datagram sent in answer or None when none was sent).
         self._seen: OrderedDict[tuple[Address, int], tuple[float, bytes | None]] = OrderedDict()
+        #: Message ids of recent non-confirmable notifications -> (peer, token).
+        self._non_sent: OrderedDict[int, tuple[Address, bytes]] = OrderedDict()
         #: Datagrams that did not parse as CoAP (dropped).
         self.garbage = 0
+        #: While set, every datagram is ignored (counted in ``ignored``): a device that sleeps.
+        self.deaf = False
+        self.ignored = 0
+        #: Called when a peer resets a non-confirmable notification.
+        self.on_reset: ResetHandler | None = None
 
     @classmethod
     async def open(cls, local: Address, handler: RequestHandler, timing: Timing | None = None) -> Endpoint:
@@ -154,6 +183,9 @@ class Endpoint(asyncio.DatagramProtocol):
         pass  # ICMP errors: the request's retransmission timer decides its fate
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if self.deaf:
+            self.ignored += 1
+            return
         peer: Address = (addr[0], addr[1])
         try:
             message = aiocoap.Message.decode(data)
@@ -173,23 +205,77 @@ class Endpoint(asyncio.DatagramProtocol):
     # --- sending requests ---------------------------------------------------------------------------
 
     async def request(self, message: aiocoap.Message, remote: Address) -> aiocoap.Message:
-        """Send ``message`` as a confirmable request to ``remote`` and return its response."""
-        mid = self._new_mid()
+        """Send ``message`` as a confirmable request to ``remote`` and return its response; a payload
+        larger than ``timing.block_size`` goes block by block (Block1) and the final response is returned."""
+        if len(message.payload) > self.timing.block_size:
+            return await self._request_blockwise(message, remote)
+        return await self._exchange(message, remote)
+
+    async def _request_blockwise(self, message: aiocoap.Message, remote: Address) -> aiocoap.Message:
+        """RFC 7959 Block1: each block is its own exchange; a 2.31 Continue asks for the next one. A
+        server that answers with a smaller block size (in its Block1 option, or a 4.13 to the first
+        block) gets the rest in that size."""
+        payload = bytes(message.payload)
+        size = self.timing.block_size
+        offset = 0
+        while True:
+            more = offset + size < len(payload)
+            block = message.copy(payload=payload[offset:offset + size])
+            block.opt.block1 = BlockOption.BlockwiseTuple(offset // size, more, size.bit_length() - 5)
+            block.opt.size1 = len(payload) if offset == 0 else None
+            response = await self._exchange(block, remote)
+            asked = response.opt.block1.size if response.opt.block1 is not None else size
+            if response.code == Code.REQUEST_ENTITY_TOO_LARGE and offset == 0 and asked < size:
+                size = asked  # start again in the size the server can take
+                continue
+            if not more or response.code != Code.CONTINUE:
+                return response
+            offset += size
+            if asked < size:
+                size = asked  # the offset stays a multiple of any smaller power of two
+
+    async def _exchange(self, message: aiocoap.Message, remote: Address) -> aiocoap.Message:
         token = random.randbytes(TOKEN_BYTES)
         while token in self._by_token:
             token = random.randbytes(TOKEN_BYTES)
-        message.mtype, message.mid, message.token = Type.CON, mid, token
-        timeout = self.timing.ack_timeout * random.uniform(1.0, self.timing.ack_random_factor)
-        future: asyncio.Future[aiocoap.Message] = self._loop.create_future()
-        outgoing = _Outgoing(message.encode(), mid, token, remote, future, timeout, self.timing.max_retransmit)
+        message.token = token
+        outgoing = self._confirmable(message, remote)
         self._by_token[token] = outgoing
-        self._by_mid[mid] = outgoing
         try:
-            self._send(outgoing.data, remote)
-            outgoing.timer = self._loop.call_later(timeout, self._retransmit, outgoing)
-            return await future
+            return await outgoing.future
         finally:
             self._forget(outgoing)
+
+    def _confirmable(self, message: aiocoap.Message, remote: Address, notification: bool = False) -> _Outgoing:
+        """Send ``message`` (its token set) as CON and arm its retransmission."""
+        mid = self._new_mid()
+        message.mtype, message.mid = Type.CON, mid
+        timeout = self.timing.ack_timeout * random.uniform(1.0, self.timing.ack_random_factor)
+        future: asyncio.Future[aiocoap.Message] = self._loop.create_future()
+        outgoing = _Outgoing(message.encode(), mid, message.token, remote, future, timeout, self.timing.max_retransmit,
+                             notification)
+        self._by_mid[mid] = outgoing
+        self._send(outgoing.data, remote)
+        outgoing.timer = self._loop.call_later(timeout, self._retransmit, outgoing)
+        return outgoing
+
+    async def notify(self, message: aiocoap.Message, remote: Address, *, confirmable: bool) -> None:
+        """Send a notification (a response carrying the observation's token and an Observe option).
+        Confirmable: returns when acknowledged, raises ``PeerReset`` when the peer resets it and
+        ``ExchangeTimeout`` when it is never acknowledged. Non-confirmable: returns at once; a Reset to
+        it reaches ``on_reset``."""
+        if confirmable:
+            outgoing = self._confirmable(message, remote, notification=True)
+            try:
+                await outgoing.future
+            finally:
+                self._forget(outgoing)
+            return
+        message.mtype, message.mid = Type.NON, self._new_mid()
+        self._non_sent[message.mid] = (remote, message.token)
+        while len(self._non_sent) > NON_ENTRIES:
+            self._non_sent.popitem(last=False)
+        self._send(message.encode(), remote)
 
     def _new_mid(self) -> int:
         mid = self._next_mid
@@ -222,10 +308,17 @@ class Endpoint(asyncio.DatagramProtocol):
 
     def _on_ack_or_reset(self, message: aiocoap.Message, peer: Address) -> None:
         outgoing = self._by_mid.get(message.mid)
+        if outgoing is None and message.mtype is Type.RST and message.mid in self._non_sent:
+            remote, token = self._non_sent.pop(message.mid)
+            if remote == peer and self.on_reset is not None:
+                self.on_reset(peer, token)
+            return
         if outgoing is None or outgoing.remote != peer or outgoing.future.done():
             return  # a late or stray ACK/RST: never answered
         if message.mtype is Type.RST:
             outgoing.future.set_exception(PeerReset("the peer answered with Reset"))
+        elif outgoing.notification:
+            outgoing.future.set_result(message)
         elif message.code == Code.EMPTY:
             # Acknowledged; the response follows separately. Stop retransmitting and wait for it.
             del self._by_mid[outgoing.mid]
@@ -303,7 +396,7 @@ class Endpoint(asyncio.DatagramProtocol):
             self._transport.sendto(data, peer)
 
     def _fail_all(self, error: ExchangeError) -> None:
-        for outgoing in list(self._by_token.values()):
+        for outgoing in {*self._by_token.values(), *self._by_mid.values()}:
             if not outgoing.future.done():
                 outgoing.future.set_exception(error)
             self._forget(outgoing)

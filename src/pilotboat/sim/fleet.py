@@ -1,5 +1,6 @@
-"""Many simulated devices bootstrapping against one server: started at a given rate, with at most
-``window`` sessions at a time, each device on its own socket (opened for its session only)."""
+"""Many simulated devices against one server, each on its own socket, started at a given rate with at
+most ``window`` exchanges at a time: bootstrapping (``run_fleet``, a socket for the session only), or
+registering with a management server and optionally staying registered (``register_fleet``)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pilotboat.sim.device import BootstrapResult, Failure, SimulatedDevice
+from pilotboat.model.management_server import DEFAULT_BINDING, DEFAULT_LIFETIME
+from pilotboat.sim.device import SimulatedDevice
 from pilotboat.sim.exchange import Timing, coap_address
+from pilotboat.sim.results import BootstrapResult, Failure, RegistrationResult
+
+#: What one device's exchange came to: a bootstrap, or a Register/Update/De-register.
+Outcome = BootstrapResult | RegistrationResult
 
 
 #: Seconds a fleet device keeps its socket after its outcome.
@@ -53,9 +59,9 @@ def percentile(values: Sequence[float], share: float) -> float | None:
 
 @dataclass(frozen=True)
 class FleetStats:
-    """The outcome of a fleet run; latencies are in seconds."""
+    """The outcome of a fleet run (or of one phase of it); latencies are in seconds."""
 
-    results: tuple[BootstrapResult, ...]
+    results: tuple[Outcome, ...]
     #: Seconds from the first device's start to the last device's outcome.
     elapsed: float
 
@@ -74,11 +80,11 @@ class FleetStats:
 
     @property
     def rate(self) -> float:
-        """Completed bootstraps per second."""
+        """Completed exchanges (bootstraps, registrations…) per second."""
         return self.completed / self.elapsed if self.elapsed > 0 else 0.0
 
     def latency(self, share: float) -> float | None:
-        """A latency percentile of the completed bootstraps."""
+        """A latency percentile of the completed exchanges."""
         return percentile([result.latency for result in self.results if result.latency is not None], share)
 
     @property
@@ -181,3 +187,116 @@ async def run_fleet(
             group.create_task(one(index, endpoint), name=f"simulated device {endpoint}")
     done = [result for result in results if result is not None]
     return FleetStats(tuple(done), max(last_outcome - started, 0.0))
+
+
+@dataclass(frozen=True)
+class RegistrationFleetStats:
+    """A registration fleet run, phase by phase."""
+
+    #: Each device's first Register (the order of the endpoints); ``elapsed`` is this phase's.
+    registrations: FleetStats
+    #: Updates (and Registers sent again after a failed Update) while the fleet kept running; ``elapsed``
+    #: is the time it kept running.
+    updates: FleetStats
+    #: The De-registers at the end (none when the fleet was left to expire).
+    deregistrations: FleetStats
+
+    @property
+    def reregistrations(self) -> int:
+        """Registers sent again while running."""
+        return sum(1 for result in self.updates.results if isinstance(result, RegistrationResult)
+                   and result.operation == "register")
+
+
+async def register_fleet(
+    server_uri: str,
+    endpoints: Sequence[str],
+    *,
+    rate: float | None = None,
+    window: int = 100,
+    timeout: float = 30.0,
+    lifetime: int = DEFAULT_LIFETIME,
+    binding: str = DEFAULT_BINDING,
+    queue_mode: bool = False,
+    lwm2m_version: str = "1.1",
+    content_format: int | None = None,
+    temperature_sensors: int = 1,
+    sensor_interval: float | None = None,
+    keep_running: float = 0.0,
+    deregister: bool = True,
+    timing: Timing | None = None,
+    progress: Callable[[RegistrationResult], None] | None = None,
+) -> RegistrationFleetStats:
+    """Register one simulated device per endpoint name directly with the management server at
+    ``server_uri`` (a factory account: no bootstrap): ``rate`` Registers started per second (None: as
+    fast as the window allows), at most ``window`` in flight, each given ``timeout`` seconds.
+    ``progress`` is called with each first Register's result.
+
+    With ``keep_running`` the registered devices then stay up that many seconds, sending Updates before
+    their ``lifetime`` ends and answering the server; with ``deregister`` they De-register at the end
+    (``window`` at a time), else they just vanish. Every device holds its own socket throughout, so the
+    open-file limit is raised first."""
+    coap_address(server_uri)
+    if window < 1:
+        raise ValueError("window must be at least 1")
+    if rate is not None and rate <= 0:
+        raise ValueError("rate must be positive")
+    if keep_running < 0:
+        raise ValueError("keep_running must not be negative")
+
+    def device(endpoint: str) -> SimulatedDevice:
+        return SimulatedDevice(endpoint, server_uri=server_uri, lifetime=lifetime, binding=binding,
+                               queue_mode=queue_mode, lwm2m_version=lwm2m_version, content_format=content_format,
+                               temperature_sensors=temperature_sensors, sensor_interval=sensor_interval, timing=timing)
+
+    device("option-check")  # bad device options fail here, not in every task
+    raise_open_file_limit()
+    interval = 1 / rate if rate else 0.0
+    slots = asyncio.Semaphore(window)
+    devices: list[SimulatedDevice] = [device(endpoint) for endpoint in endpoints]
+    last_outcome = time.monotonic()
+
+    async def first(simulated: SimulatedDevice) -> None:
+        nonlocal last_outcome
+        try:
+            result = await simulated.register(timeout, keep_updating=keep_running > 0)
+        finally:
+            slots.release()
+        last_outcome = time.monotonic()
+        if progress is not None:
+            progress(result)
+
+    async def leave(simulated: SimulatedDevice) -> None:
+        async with slots:
+            await simulated.deregister(timeout)
+
+    try:
+        started = time.monotonic()
+        next_start = started
+        async with asyncio.TaskGroup() as group:
+            for simulated in devices:
+                await slots.acquire()
+                now = time.monotonic()
+                if next_start > now:
+                    await asyncio.sleep(next_start - now)
+                next_start = max(next_start, now) + interval
+                group.create_task(first(simulated), name=f"simulated device {simulated.endpoint}")
+        registered = FleetStats(tuple(simulated.registrations[0] for simulated in devices if simulated.registrations),
+                                max(last_outcome - started, 0.0))
+        running_since = time.monotonic()
+        if keep_running:
+            await asyncio.sleep(keep_running)
+        for simulated in devices:
+            simulated.stop_updating()
+        kept = time.monotonic() - running_since if keep_running else 0.0
+        updates = FleetStats(tuple(result for simulated in devices for result in simulated.registrations[1:]), kept)
+        leaving = [simulated for simulated in devices if simulated.registered] if deregister else []
+        left_at = time.monotonic()
+        async with asyncio.TaskGroup() as group:
+            for simulated in leaving:
+                group.create_task(leave(simulated))
+        deregistrations = FleetStats(tuple(simulated.registrations[-1] for simulated in leaving),
+                                     time.monotonic() - left_at if leaving else 0.0)
+    finally:
+        await asyncio.gather(*(simulated.close() for simulated in devices))
+    return RegistrationFleetStats(registered, updates, deregistrations)

@@ -1,28 +1,79 @@
-"""The object instances a simulated device holds: Security (0), Server (1) and Device (3).
+"""The object instances a simulated device holds: Security (0), Server (1), Device (3) and Temperature
+(3303, IPSO).
 
 The store applies what a bootstrap server asks, like a real client does, including a Write onto the
 instance that holds the bootstrap-server account (so that tests can see a server that does that). The
 only things it refuses are what compliant clients refuse: deleting the bootstrap account or the Device
-object, values of the wrong type, and writes to executable resources.
+object, values of the wrong type, and writes to executable resources. A management server may also
+create and delete Temperature instances, and write only the resources that are writable (``writable``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from pilotboat import __version__
 from pilotboat.lwm2m import objects
 from pilotboat.lwm2m.model import CodecError, Entry, ObjLink, Path, ResourceType, Value
-from pilotboat.model.management_server import SecurityMode
+from pilotboat.model.management_server import BINDING_LETTERS, DEFAULT_BINDING, DEFAULT_LIFETIME, SecurityMode
 
 #: A resource: one value, or the instances of a multiple resource (instance id -> value).
 Resource = Value | dict[int, Value]
 Instance = dict[int, Resource]
 
-SUPPORTED_OBJECTS = (objects.SECURITY, objects.SERVER, objects.DEVICE)
+# Server (/1) resources beyond the ones the bootstrap server writes.
+SERVER_DEFAULT_PMIN = 2
+SERVER_DEFAULT_PMAX = 3
+SERVER_LAST_BOOTSTRAPPED = 12
+# Device (/3) executables.
+DEVICE_REBOOT = 4
+DEVICE_FACTORY_RESET = 5
+# Temperature (IPSO 3303) resources.
+TEMPERATURE = 3303
+MIN_MEASURED = 5601
+MAX_MEASURED = 5602
+MIN_RANGE = 5603
+MAX_RANGE = 5604
+RESET_MIN_MAX = 5605
+SENSOR_VALUE = 5700
+SENSOR_UNITS = 5701
+APPLICATION_TYPE = 5750
+
+SUPPORTED_OBJECTS = (objects.SECURITY, objects.SERVER, objects.DEVICE, TEMPERATURE)
+#: Resource types of every object a simulated device holds (None: executable).
+RESOURCE_TYPES: dict[int, dict[int, ResourceType | None]] = {
+    **objects.RESOURCE_TYPES,
+    TEMPERATURE: {
+        MIN_MEASURED: ResourceType.FLOAT, MAX_MEASURED: ResourceType.FLOAT, MIN_RANGE: ResourceType.FLOAT,
+        MAX_RANGE: ResourceType.FLOAT, RESET_MIN_MAX: None, SENSOR_VALUE: ResourceType.FLOAT,
+        SENSOR_UNITS: ResourceType.STRING, APPLICATION_TYPE: ResourceType.STRING,
+    },
+}
+#: Resources a management server may write; the other resources of these objects are read-only.
+WRITABLE: dict[int, frozenset[int]] = {
+    objects.SERVER: frozenset(rid for rid, kind in RESOURCE_TYPES[objects.SERVER].items()
+                              if kind is not None and rid not in (objects.SERVER_SHORT_SERVER_ID,
+                                                                  SERVER_LAST_BOOTSTRAPPED)),
+    objects.DEVICE: frozenset({13, 14, 15}),  # Current Time, UTC Offset, Timezone
+    TEMPERATURE: frozenset({APPLICATION_TYPE}),
+}
+#: Objects whose instances a management server may create and delete.
+CREATABLE = frozenset({TEMPERATURE})
 T = TypeVar("T")
+
+
+def resource_type(path: Path) -> ResourceType | None:
+    """The type of the resource at ``path`` (a resource or resource instance of a known object)."""
+    if path.depth < 3:
+        return None
+    return RESOURCE_TYPES.get(path.object_id or 0, {}).get(path.resource_id or 0)
+
+
+def writable(path: Path) -> bool:
+    """Whether a management server may write the resource at ``path``."""
+    return path.resource_id in WRITABLE.get(path.object_id or 0, frozenset())
 
 
 class NotFound(LookupError):
@@ -35,6 +86,24 @@ class NotAllowed(Exception):
 
 class Refused(Exception):
     """A request the device refuses (CoAP 4.00), such as deleting its bootstrap account."""
+
+
+@dataclass(frozen=True)
+class ServerAccount:
+    """A management-server account a device holds from the factory (no bootstrap needed)."""
+
+    uri: str
+    short_server_id: int = 1
+    lifetime: int = DEFAULT_LIFETIME
+    binding: str = DEFAULT_BINDING
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.short_server_id <= 65534:
+            raise ValueError("the Short Server ID is 1 to 65534")
+        if self.lifetime < 1:
+            raise ValueError("the lifetime is at least 1 second")
+        if not self.binding or not set(self.binding) <= BINDING_LETTERS:
+            raise ValueError(f"binding {self.binding!r}: letters from U, T, S, N, Q")
 
 
 @dataclass(frozen=True)
@@ -71,14 +140,22 @@ def device_defaults(endpoint: str) -> dict[int, Resource]:
     }
 
 
+def temperature_defaults(value: float) -> Instance:
+    """A Temperature instance (/3303/x) reading ``value`` degrees Celsius."""
+    return {
+        SENSOR_VALUE: value, SENSOR_UNITS: "Cel", MIN_MEASURED: value, MAX_MEASURED: value, MIN_RANGE: -40.0,
+        MAX_RANGE: 85.0, APPLICATION_TYPE: "simulated",
+    }
+
+
 def _is_executable(path: Path) -> bool:
-    known = objects.RESOURCE_TYPES.get(path.object_id or 0, {})
+    known = RESOURCE_TYPES.get(path.object_id or 0, {})
     return path.resource_id in known and known[path.resource_id] is None
 
 
 def check_type(entry: Entry) -> Value:
     """``entry.value`` as the resource's type, or a ``CodecError`` when it does not fit."""
-    kind, value = objects.resource_type(entry.path), entry.value
+    kind, value = resource_type(entry.path), entry.value
     if kind is None:
         return value
     if kind in (ResourceType.INTEGER, ResourceType.TIME, ResourceType.UNSIGNED):
@@ -106,26 +183,78 @@ class ObjectStore:
         self._objects: dict[int, dict[int, Instance]] = {object_id: {} for object_id in SUPPORTED_OBJECTS}
 
     @classmethod
-    def initial(cls, endpoint: str, bootstrap_uri: str, bootstrap_instance: int,
-                device_info: Mapping[int, Resource] | None = None) -> ObjectStore:
-        """A factory-fresh device: the bootstrap-server account (NoSec) and the Device object."""
+    def initial(cls, endpoint: str, bootstrap_uri: str | None, bootstrap_instance: int,
+                device_info: Mapping[int, Resource] | None = None, *, server: ServerAccount | None = None,
+                temperatures: Iterable[float] = (20.0,)) -> ObjectStore:
+        """A factory-fresh device: the bootstrap-server account (NoSec) when there is a bootstrap server,
+        a management-server account (NoSec, at the lowest free Security instance and /1/0) when given
+        one, the Device object and one Temperature instance per initial reading."""
         store = cls()
-        store._objects[objects.SECURITY][bootstrap_instance] = {
-            objects.SECURITY_URI: bootstrap_uri,
-            objects.SECURITY_BOOTSTRAP: True,
-            objects.SECURITY_MODE: int(SecurityMode.NOSEC),
-            objects.SECURITY_IDENTITY: b"",
-            objects.SECURITY_SERVER_PUBLIC_KEY: b"",
-            objects.SECURITY_SECRET_KEY: b"",
-            objects.SECURITY_HOLD_OFF: 0,
-        }
+        security = store._objects[objects.SECURITY]
+        if bootstrap_uri is not None:
+            security[bootstrap_instance] = {
+                objects.SECURITY_URI: bootstrap_uri,
+                objects.SECURITY_BOOTSTRAP: True,
+                objects.SECURITY_MODE: int(SecurityMode.NOSEC),
+                objects.SECURITY_IDENTITY: b"",
+                objects.SECURITY_SERVER_PUBLIC_KEY: b"",
+                objects.SECURITY_SECRET_KEY: b"",
+                objects.SECURITY_HOLD_OFF: 0,
+            }
+        if server is not None:
+            iid = next(candidate for candidate in range(len(security) + 1) if candidate not in security)
+            security[iid] = {
+                objects.SECURITY_URI: server.uri,
+                objects.SECURITY_BOOTSTRAP: False,
+                objects.SECURITY_MODE: int(SecurityMode.NOSEC),
+                objects.SECURITY_IDENTITY: b"",
+                objects.SECURITY_SERVER_PUBLIC_KEY: b"",
+                objects.SECURITY_SECRET_KEY: b"",
+                objects.SECURITY_SHORT_SERVER_ID: server.short_server_id,
+            }
+            store._objects[objects.SERVER][0] = {
+                objects.SERVER_SHORT_SERVER_ID: server.short_server_id,
+                objects.SERVER_LIFETIME: server.lifetime,
+                objects.SERVER_NOTIFICATION_STORING: False,
+                objects.SERVER_BINDING: server.binding,
+            }
         store._objects[objects.DEVICE][0] = {**device_defaults(endpoint), **(device_info or {})}
+        for iid, reading in enumerate(temperatures):
+            store._objects[TEMPERATURE][iid] = temperature_defaults(reading)
         return store
 
     # --- inspection ---------------------------------------------------------------------------------
 
     def object_ids(self) -> tuple[int, ...]:
         return tuple(self._objects)
+
+    def instance_ids(self, object_id: int) -> list[int]:
+        """The instance ids of ``object_id`` in order (empty for an unsupported object)."""
+        return sorted(self._objects.get(object_id, {}))
+
+    def has(self, path: Path) -> bool:
+        """Whether the object (supported), instance or resource at ``path`` exists (``/`` always does)."""
+        if not path.depth:
+            return True
+        instances = self._objects.get(path.object_id or 0)
+        if instances is None or path.depth == 1:
+            return instances is not None
+        instance = instances.get(path.instance_id or 0)
+        if instance is None or path.depth == 2:
+            return instance is not None
+        value = instance.get(path.resource_id or 0)
+        if path.depth == 3:
+            return value is not None or _is_executable(path)
+        return isinstance(value, dict) and path.resource_instance_id in value
+
+    def value(self, path: Path) -> Value | None:
+        """The single value at a resource (or resource instance) path, None when there is none."""
+        if path.depth < 3:
+            return None
+        resource = self._objects.get(path.object_id or 0, {}).get(path.instance_id or 0, {}).get(path.resource_id or 0)
+        if isinstance(resource, dict):
+            return resource.get(path.resource_instance_id or 0) if path.depth == 4 else None
+        return resource if path.depth == 3 else None
 
     def instances(self, object_id: int) -> dict[int, Instance]:
         """A copy of the instances of ``object_id`` (empty for an unsupported object)."""
@@ -209,10 +338,13 @@ class ObjectStore:
             raise NotFound(f"{path} does not exist")
         return found
 
-    def write(self, target: Path, entries: Iterable[Entry], *, replace: bool) -> None:
+    def write(self, target: Path, entries: Iterable[Entry], *, replace: bool,
+              allowed: Callable[[Path], bool] | None = None) -> None:
         """Write ``entries`` (all within ``target``). ``replace``: a Write-Replace (PUT), which creates
         missing instances and replaces instances and resources as a whole; else a Partial Update (POST),
-        which needs the instance to exist and keeps the resources it does not name."""
+        which needs the instance to exist and keeps the resources it does not name. With ``allowed`` (a
+        management server's write), a resource it refuses fails the write (``NotAllowed``), instances
+        are not created, and a replaced instance keeps the resources it refuses."""
         entries = list(entries)
         if not entries:
             raise CodecError("the payload holds no values")
@@ -223,6 +355,8 @@ class ObjectStore:
             self._object(path.object_id)
             if _is_executable(path):
                 raise NotAllowed(f"{path} is executable, not writable")
+            if allowed is not None and not allowed(path):
+                raise NotAllowed(f"{path} is read-only")
             value = check_type(entry)
             resources = grouped.setdefault((path.object_id, path.instance_id), {})
             current = resources.get(path.resource_id)
@@ -234,7 +368,7 @@ class ObjectStore:
                 raise CodecError(f"{path} is given more than once")
             else:
                 resources[path.resource_id] = value
-        if not replace:
+        if not replace or allowed is not None:
             for object_id, iid in grouped:
                 if iid not in self._objects[object_id]:
                     raise NotFound(f"/{object_id}/{iid} does not exist")
@@ -242,13 +376,50 @@ class ObjectStore:
             instance = self._objects[object_id].setdefault(iid, {})
             if target.depth <= 2:
                 if replace:
-                    instance.clear()
+                    for rid in [rid for rid in instance if allowed is None or allowed(Path(object_id, iid, rid))]:
+                        del instance[rid]
                 instance.update(resources)
                 continue
             for rid, value in resources.items():
                 existing = instance.get(rid)
                 merge = isinstance(value, dict) and isinstance(existing, dict) and (target.depth == 4 or not replace)
                 instance[rid] = {**existing, **value} if merge else value  # type: ignore[dict-item]
+
+    def set_value(self, path: Path, value: Value) -> None:
+        """Set one resource of an existing instance (the device itself measuring, not a server)."""
+        if path.depth != 3:
+            raise NotAllowed(f"{path} is not a single resource")
+        instances = self._object(path.object_id)
+        if path.instance_id not in instances:
+            raise NotFound(f"{path.parent} does not exist")
+        if _is_executable(path):
+            raise NotAllowed(f"{path} is executable")
+        instances[path.instance_id][path.resource_id] = check_type(Entry(path, value))  # type: ignore[index]
+
+    def create(self, object_id: int, entries: Iterable[Entry], instance_id: int) -> None:
+        """Create ``/object_id/instance_id`` from its defaults and ``entries`` (all within it)."""
+        if object_id not in CREATABLE:
+            self._object(object_id)
+            raise NotAllowed(f"instances of /{object_id} cannot be created")
+        instances = self._objects[object_id]
+        if instance_id in instances:
+            raise Refused(f"/{object_id}/{instance_id} already exists")
+        base = Path(object_id, instance_id)
+        values: dict[Path, Value] = {}
+        for entry in entries:
+            if not entry.path.is_within(base) or entry.path.depth != 3:
+                raise CodecError(f"{entry.path} does not belong to the new instance {base}")
+            if _is_executable(entry.path):
+                raise NotAllowed(f"{entry.path} is executable, not writable")
+            values[entry.path] = check_type(entry)
+        instance = temperature_defaults(20.0)
+        instance.update({path.resource_id: value for path, value in values.items()})  # type: ignore[misc]
+        instances[instance_id] = instance
+
+    def free_instance_id(self, object_id: int) -> int:
+        """The lowest instance id not in use."""
+        taken = self._object(object_id)
+        return next(candidate for candidate in range(len(taken) + 1) if candidate not in taken)
 
     def execute(self, path: Path) -> None:
         """Check that ``path`` is an executable resource of an existing instance."""

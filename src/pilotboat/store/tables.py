@@ -260,6 +260,97 @@ class Event(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, index=True)
 
 
+class DirectoryEntry(Base):
+    """A device's entry in the device directory (Pelion style): created by its first LwM2M
+    registration, then updated by every registration, update that changes something, and end. The
+    device keeps its id (``devices.id``) whatever endpoint name it registers with later."""
+
+    __tablename__ = "device_directory"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"), index=True)
+    #: The endpoint name of the first registration.
+    first_endpoint: Mapped[str] = mapped_column(String(256))
+    endpoint: Mapped[str] = mapped_column(String(256))
+    #: registered | deregistered | expired | replaced
+    status: Mapped[str] = mapped_column(String(16))
+    registration_id: Mapped[str] = mapped_column(String(64))
+    registrations: Mapped[int] = mapped_column(Integer, default=1)
+    first_registered_at: Mapped[datetime] = mapped_column(Timestamp)
+    last_registered_at: Mapped[datetime] = mapped_column(Timestamp)
+    last_updated_at: Mapped[datetime] = mapped_column(Timestamp)
+    ended_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    #: "host:port" the device last registered or updated from.
+    address: Mapped[str] = mapped_column(String(64))
+    lwm2m_version: Mapped[str] = mapped_column(String(8))
+    binding: Mapped[str] = mapped_column(String(8))
+    queue_mode: Mapped[bool] = mapped_column(Boolean, default=False)
+    lifetime: Mapped[int] = mapped_column(Integer)
+    #: Object and instance links, e.g. ["/1/0", "/3/0", "/3303/0"].
+    objects: Mapped[list[str]] = mapped_column(JSON, default=list)
+    content_formats: Mapped[list[int]] = mapped_column(JSON, default=list)
+
+
+class Observation(Base):
+    """An observation an application asked for: kept so that it is set up again whenever the device
+    registers anew."""
+
+    __tablename__ = "observations"
+    __table_args__ = (UniqueConstraint("device_id", "path", name="uq_observations_device_path"),)
+
+    id: Mapped[str] = mapped_column(UUID, primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    path: Mapped[str] = mapped_column(String(64))
+    #: Write-Attributes sent before observing (pmin, pmax, gt, lt, st), may be empty.
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_by: Mapped[str] = mapped_column(String(320), default="")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class Webhook(Base):
+    """An organisation's webhook: events after ``cursor`` are POSTed to ``url``, signed with its secret."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(UUID, primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    secret_sealed: Mapped[str] = mapped_column(Text)
+    #: Event kinds (or prefixes ending in ".") delivered; empty: all.
+    kinds: Mapped[list[str]] = mapped_column(JSON, default=list)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: Id of the last event delivered (or skipped by the kinds filter).
+    cursor: Mapped[int] = mapped_column(BigInteger, default=0)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    #: When the current run of failed deliveries began (None while deliveries succeed).
+    failing_since: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    disabled_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    disabled_reason: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One delivery attempt of a batch of events to a webhook (the delivery log)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_webhook_id_id", "webhook_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    first_event_id: Mapped[int] = mapped_column(BigInteger)
+    last_event_id: Mapped[int] = mapped_column(BigInteger)
+    events: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    #: pending (being sent) | delivered | failed
+    outcome: Mapped[str] = mapped_column(String(16))
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
 __all__ = [
     "ApiKey",
     "Base",
@@ -268,13 +359,17 @@ __all__ = [
     "Device",
     "DeviceCertificate",
     "DeviceChannel",
+    "DirectoryEntry",
     "Event",
     "ManagementServer",
     "Membership",
+    "Observation",
     "Organisation",
     "PskIdentity",
     "TrustedCertificate",
     "User",
+    "Webhook",
+    "WebhookDelivery",
     "new_id",
     "utcnow",
 ]

@@ -22,6 +22,7 @@ from pilotboat.security.pki import MAX_PEM_CHARS
 from pilotboat.services.access import caller_org
 from pilotboat.services.accounts import MembershipChange, MembershipView
 from pilotboat.services.container import Services
+from pilotboat.services.device_operations import Trigger
 from pilotboat.services.errors import InvalidInput, NotFound
 from pilotboat.services.management_servers import ManagementServerRecord, ServerFields, transport_for_port
 
@@ -268,3 +269,19 @@ async def assign_bootstrap_server(mac_address: str, server_id: str, services: Se
         "device_id": device.id, "mac_address": device.mac_address, "company_id": device.org_id,
         "server_id": definition.id, "uri": definition.uri,
     })
+
+
+@router.post("/management/devices/{mac_address}/commands/trigger-bootstrap",
+             summary="Make the device with this MAC address bootstrap again (executes /1/x/9)")
+async def trigger_bootstrap(
+    mac_address: str, services: ServicesDep, principal: PrincipalDep,
+    server_instance: Annotated[int | None, Query(ge=0, le=65534, description="The Server object instance (default: the lowest registered)")] = None,
+    timeout: Annotated[float | None, Query(gt=0, le=300, description="Seconds to wait for the device")] = None,
+) -> dict[str, Any]:
+    """``accepted`` says whether the device took the trigger (2.04) or refused it (e.g. 4.05); 409 when
+    the device is not registered, 504 when it did not answer in time."""
+    tracked = await services.device_operations.trigger_by_mac(
+        principal, mac_address, Trigger.BOOTSTRAP, server_instance=server_instance, timeout=timeout,
+    )
+    return _ok({**tracked.result(), "accepted": bool(tracked.outcome and tracked.outcome.ok), "device_id": tracked.device_id,
+                "company_id": tracked.org_id})

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from pilotboat.api.deps import PrincipalDep, ServicesDep
-from pilotboat.api.native.schemas import DeviceOut, Strict
+from pilotboat.api.native.schemas import DeviceOut, Strict, StrictPatch
 from pilotboat.bootstrap.plan import PlanRefused
 from pilotboat.services.management_servers import ManagementServerRecord, ServerFields
 
 router = APIRouter(prefix="/api/v1/orgs/{org_id}", tags=["management servers"])
 
 
-class ManagementServerFields(Strict):
+class ManagementServerFields(StrictPatch):
     """Values are checked by the service (400 naming the field)."""
 
     name: str | None = Field(default=None, description="1 to 128 characters")
@@ -29,13 +29,6 @@ class ManagementServerFields(Strict):
     short_server_id: int | None = Field(default=None, description="1 to 65534")
     lifetime: int | None = Field(default=None, description="Registration lifetime in seconds")
     binding: str | None = Field(default=None, description="Letters of U, T, S, N, Q (e.g. U, UQ, T)")
-
-    @field_validator("*")
-    @classmethod
-    def _not_null(cls, value: Any) -> Any:
-        if value is None:  # only an explicit null reaches here
-            raise ValueError("may be omitted, but not null")
-        return value
 
     def server_fields(self) -> ServerFields:
         return ServerFields(**self.model_dump(exclude_unset=True))

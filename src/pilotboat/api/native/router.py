@@ -6,7 +6,16 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from pilotboat.api.deps import PrincipalDep, ServicesDep
-from pilotboat.api.native import accounts, credentials, devices, management_servers
+from pilotboat.api.native import (
+    accounts,
+    credentials,
+    devices,
+    directory,
+    event_stream,
+    lwm2m,
+    management_servers,
+    webhooks,
+)
 from pilotboat.api.native.schemas import EventOut, EventPage
 from pilotboat.services.events import EventFilter
 
@@ -16,6 +25,10 @@ router.include_router(devices.router)
 router.include_router(credentials.router)
 router.include_router(credentials.org_router)
 router.include_router(management_servers.router)
+router.include_router(webhooks.router)
+router.include_router(event_stream.router)
+router.include_router(directory.router)
+router.include_router(lwm2m.router)
 
 
 @router.get("/api/v1/events", response_model=EventPage, tags=["events"], summary="Deployment-wide events (system administrators)")

@@ -10,10 +10,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pilotboat.model.management_server import DEFAULT_ID
 from pilotboat.model.roles import Permission, Role
 from pilotboat.services.devices import DeviceRecord
+from pilotboat.services.event_feed import event_json
 from pilotboat.store.tables import Channel, Event
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class StrictPatch(Strict):
+    """A change: any field may be left out, none may be null."""
+
+    @field_validator("*")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:  # only an explicit null reaches here
+            raise ValueError("may be omitted, but not null")
+        return value
 
 
 class TokenOut(BaseModel):
@@ -229,10 +242,7 @@ class EventOut(BaseModel):
 
     @classmethod
     def of(cls, event: Event) -> EventOut:
-        return cls(
-            id=event.id, kind=event.kind, org_id=event.org_id, device_id=event.device_id, outcome=event.outcome,
-            reason=event.reason, actor=event.actor, detail=event.detail, created_at=event.created_at,
-        )
+        return cls.model_validate(event_json(event))  # the shape the event stream and webhooks send too
 
 
 class EventPage(BaseModel):
