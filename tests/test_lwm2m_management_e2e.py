@@ -2,7 +2,10 @@
 ``pilotboat serve`` (SQLite and PostgreSQL): bootstrap → register → update → read /3/0 over the API →
 observe /3303/0/5700 with notifications on the event stream and on a webhook (signature checked) →
 trigger bootstrap → the device bootstraps and registers again with the same device id, its observation
-set up again → de-register. And a queue-mode device that gets a held request when it next updates."""
+set up again → de-register. A queue-mode device that gets a held request when it next updates. And
+the registration rules as a device lives them: expiry of a device that stops updating and its 4.04
+afterwards, the rate-limit hold and release (4.12 needs a version the simulator does not speak: see
+test_lwm2m_registration)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Any
 import pytest
 
 from harness import ADMIN_EMAIL, ADMIN_PASSWORD, Api, ServerProcess, Tenant, make_tenant
-from lwm2m_helpers import make_device
+from lwm2m_helpers import events_of, make_device
 from notification_helpers import Receiver, open_stream
 from pilotboat.sim import SimulatedDevice
 from pilotboat.sim.exchange import Timing
@@ -24,9 +27,12 @@ SENSOR = "/3303/0/5700"
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def e2e_server(request: pytest.FixtureRequest, server_factory: Any) -> Iterator[ServerProcess]:
-    """A server that may deliver webhooks to a receiver on loopback, and takes queue-mode devices to
-    sleep 1 s after their last message."""
-    process = server_factory(request.param, PILOTBOAT_WEBHOOK_ALLOW_PRIVATE="true", PILOTBOAT_LWM2M_QUEUE_AWAKE_SECONDS="1")
+    """A server that may deliver webhooks to a receiver on loopback, takes queue-mode devices to sleep
+    1 s after their last message, expires registrations without grace and holds endpoints for 3 s."""
+    process = server_factory(
+        request.param, PILOTBOAT_WEBHOOK_ALLOW_PRIVATE="true", PILOTBOAT_LWM2M_QUEUE_AWAKE_SECONDS="1",
+        PILOTBOAT_REGISTRATION_GRACE="0", PILOTBOAT_REGISTRATION_HOLD_SECONDS="3",
+    )
     process.start()
     yield process
     process.stop()
@@ -180,5 +186,48 @@ def test_a_queue_mode_device_gets_a_held_request_when_it_next_updates(e2e_server
             )
             assert (done["code"], done["values"]) == ("2.05", {"/3/0/0": device.value("/3/0/0")})
             assert any(request.path == "/3/0/0" for request in device.received)
+
+    asyncio.run(scenario())
+
+
+def test_expiry_and_hold_as_devices_live_them(e2e_server: ServerProcess, org: Tenant) -> None:
+    server = e2e_server
+    quiet_endpoint, quiet_id = make_device(org)
+    hasty_endpoint, hasty_id = make_device(org)
+
+    async def expiry() -> None:
+        device = SimulatedDevice(quiet_endpoint, server_uri=server.lwm2m_uri, lifetime=2, sensor_interval=None)
+        async with device:
+            first = await device.register(keep_updating=False)  # then it goes quiet
+            assert first.ok and first.location is not None
+            [expired] = await call(events_of, org.viewer, org.org_id, quiet_id, "lwm2m.expired", 10)
+            assert expired["detail"] == {"endpoint": quiet_endpoint, "registration_id": first.location.split("/")[1]}
+            entry = (await call(org.viewer.get, f"/api/v1/orgs/{org.org_id}/directory/{quiet_id}")).json()
+            assert (entry["status"], entry["registration"]) == ("expired", None)
+            # When it speaks again its Update is refused 4.04, and it registers again under the same id.
+            late = await device.update()
+            assert (late.ok, late.code, device.registered) == (False, "4.04", False)
+            again = await device.register(keep_updating=False)
+            assert again.ok and again.location != first.location
+            registered = await call(events_of, org.viewer, org.org_id, quiet_id, "lwm2m.registered", 5, 2)
+            assert [event["detail"]["first_registration"] for event in registered[:2]] == [False, True]
+            assert {event["device_id"] for event in registered} == {quiet_id}
+
+    async def hold() -> None:
+        device = SimulatedDevice(hasty_endpoint, server_uri=server.lwm2m_uri, lifetime=60, sensor_interval=None)
+        async with device:
+            results = [await device.register(keep_updating=False) for _ in range(11)]
+            assert [result.code for result in results] == ["2.01"] * 10 + ["4.29"]
+            retry_after = results[-1].retry_after
+            assert retry_after is not None and 0 < retry_after <= 3
+            [held] = await call(events_of, org.viewer, org.org_id, hasty_id, "lwm2m.held", 5)
+            assert (held["outcome"], held["detail"]["endpoint"]) == ("refused", hasty_endpoint)
+            await asyncio.sleep(retry_after + 0.3)
+            assert (await device.register(keep_updating=False)).code == "2.01"
+            [released] = await call(events_of, org.viewer, org.org_id, hasty_id, "lwm2m.released", 5)
+            assert released["detail"] == {"endpoint": hasty_endpoint}
+
+    async def scenario() -> None:
+        await asyncio.gather(expiry(), hold())
 
     asyncio.run(scenario())
