@@ -575,6 +575,19 @@ def test_a_reset_or_an_error_answer_to_the_bootstrap_request_fails_it() -> None:
 # --- the client side against an in-test bootstrap peer -------------------------------------------------
 
 
+async def bind_server_context(site: Any, port: int) -> tuple[aiocoap.Context, int]:
+    """A CoAP server context for ``site`` on loopback at ``port``, or at another free port when another
+    socket took that one before the bind; the context and its port."""
+    for attempt in range(5):
+        try:
+            return await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port)), port
+        except OSError:
+            if attempt == 4:
+                raise
+            port = free_udp_port()
+    raise AssertionError("unreachable")
+
+
 class BootstrapPeer:
     """A minimal bootstrap server on aiocoap: records each ``POST /bs`` query, answers ``answer`` and,
     on 2.04, discovers ``/0``, writes one server account (``server_uri``, Short Server ID 101,
@@ -621,16 +634,9 @@ class BootstrapPeer:
         site = resource.Site()
         site.add_resource(["bs"], Bs())
         site.add_resource(["bspack"], BsPack())
-        for attempt in range(5):  # another socket may take the free port before the bind
-            try:
-                self.context = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", self.port))
-                return self
-            except OSError:
-                if attempt == 4:
-                    raise
-                self.port = free_udp_port()
-                self.uri = f"coap://127.0.0.1:{self.port}"
-        raise AssertionError("unreachable")
+        self.context, self.port = await bind_server_context(site, self.port)
+        self.uri = f"coap://127.0.0.1:{self.port}"
+        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         for task in self._tasks:

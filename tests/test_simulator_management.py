@@ -36,7 +36,7 @@ from pilotboat.lwm2m.model import Path, as_dict
 from pilotboat.sim import Failure, SimulatedDevice, Timing, endpoint_names, register_fleet
 from pilotboat.sim.objects import ServerAccount
 from pilotboat.sim.objects import resource_type
-from test_simulator import FAST, BootstrapPeer, PeerThread, RawSocket, coap_message, eventually, run
+from test_simulator import FAST, BootstrapPeer, bind_server_context, PeerThread, RawSocket, coap_message, eventually, run
 
 #: Short retransmissions, and registration timers a test can wait for.
 QUICK = dataclasses.replace(FAST, update_margin=0.5, awake=0.4, register_retry=0.2)
@@ -102,16 +102,9 @@ class ManagementPeer:
                 peer._saw("deregister", registered, request, code)
                 return aiocoap.Message(code=code)
 
-        for attempt in range(5):  # another socket may take the free port before the bind
-            try:
-                self.context = await aiocoap.Context.create_server_context(Root(), bind=("127.0.0.1", self.port))
-                return self
-            except OSError:
-                if attempt == 4:
-                    raise
-                self.port = free_udp_port()
-                self.uri = f"coap://127.0.0.1:{self.port}"
-        raise AssertionError("unreachable")
+        self.context, self.port = await bind_server_context(Root(), self.port)
+        self.uri = f"coap://127.0.0.1:{self.port}"
+        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         for task in self._tasks:
