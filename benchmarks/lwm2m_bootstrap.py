@@ -64,7 +64,7 @@ def profile_summary(path: Path, lines: int = 20) -> str:
     out = io.StringIO()
     stats = pstats.Stats(str(path), stream=out)
     stats.sort_stats("tottime").print_stats(lines)
-    stats.sort_stats("cumulative").print_stats(r"pilotboat/(lwm2m|bootstrap|coap|registry|services)", lines)
+    stats.sort_stats("cumulative").print_stats(r"pilotboat/(lwm2m|bootstrap|coap|dtls|registry|services)", lines)
     return out.getvalue()
 
 

@@ -129,6 +129,8 @@ class ServerProcess:
     port: int = field(default_factory=free_port)
     bootstrap_port: int = field(default_factory=free_udp_port)
     lwm2m_port: int = field(default_factory=free_udp_port)
+    bootstrap_dtls_port: int = field(default_factory=free_udp_port)
+    lwm2m_dtls_port: int = field(default_factory=free_udp_port)
     #: Interpreter arguments before ``-m pilotboat.cli.main serve`` (the benchmarks profile with cProfile).
     python_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
@@ -146,6 +148,14 @@ class ServerProcess:
     def lwm2m_uri(self) -> str:
         return f"coap://127.0.0.1:{self.lwm2m_port}"
 
+    @property
+    def bootstrap_dtls_uri(self) -> str:
+        return f"coaps://127.0.0.1:{self.bootstrap_dtls_port}"
+
+    @property
+    def lwm2m_dtls_uri(self) -> str:
+        return f"coaps://127.0.0.1:{self.lwm2m_dtls_port}"
+
     def env(self) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("PILOTBOAT_")}
         env.update(
@@ -153,6 +163,8 @@ class ServerProcess:
             PILOTBOAT_HTTP_PORT=str(self.port),
             PILOTBOAT_BOOTSTRAP_PORT=str(self.bootstrap_port),
             PILOTBOAT_LWM2M_PORT=str(self.lwm2m_port),
+            PILOTBOAT_BOOTSTRAP_DTLS_PORT=str(self.bootstrap_dtls_port),
+            PILOTBOAT_LWM2M_DTLS_PORT=str(self.lwm2m_dtls_port),
             PILOTBOAT_ADMIN_EMAIL=ADMIN_EMAIL,
             PILOTBOAT_ADMIN_PASSWORD=ADMIN_PASSWORD,
             PILOTBOAT_BOOTSTRAP_ENCRYPT_KEY=ENCRYPT_KEY,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import aiocoap
@@ -42,3 +43,18 @@ async def coap_request(
 ) -> aiocoap.Message:
     message = aiocoap.Message(code=method, uri=uri, payload=payload, **options)
     return await asyncio.wait_for(context.request(message).response, timeout)
+
+
+async def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A blocking API call off the event loop, so that the simulated device keeps answering."""
+    return await asyncio.to_thread(method, *args, **kwargs)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await call(check)
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)

@@ -16,7 +16,7 @@ from pilotboat.lwm2m.bootstrap_session import (
 )
 from pilotboat.lwm2m.bootstrap_server import read_query
 from pilotboat.lwm2m.model import ROOT, Path, as_dict
-from pilotboat.model.management_server import SecurityMode, ServerDefinition, default_definition
+from pilotboat.model.management_server import DeploymentServer, SecurityMode, ServerDefinition
 
 DEFINITION = ServerDefinition(id="s1", org_id="o", name="m", address="mgmt.example.com", port=5683, lifetime=300, binding="UQ",
                               short_server_id=7)
@@ -147,7 +147,7 @@ def test_plan_refuses_secure_modes_over_an_unauthenticated_transport() -> None:
 
 
 def test_default_definition_and_uri_forms() -> None:
-    default = default_definition("lwm2m.example.net", 5683)
+    default = DeploymentServer("lwm2m.example.net", 5683).listed
     assert default.is_default and default.uri == "coap://lwm2m.example.net:5683"
     assert ServerDefinition(id="x", org_id=None, name="", address="2001:db8::1", port=5684, uri_scheme="coaps").uri == "coaps://[2001:db8::1]:5684"
 

@@ -212,6 +212,13 @@ def test_issue_with_a_generated_key(server: ServerProcess, tenant: Tenant, tmp_p
             1, "device not found", "device's id")
     assert not (tmp_path / "other.key").exists()
     assert len(certificates(tenant.admin, org)) == 1
+    assert (record["purpose"], record["state"]) == ("bootstrap", "active")
+
+    # A management certificate, pre-provisioned by the operator.
+    said = ok(server.cli("credentials", "certs", "issue", org, device["id"], "--purpose", "management",
+                         "--key-out", str(tmp_path / "managed.key"), "--cert-out", str(tmp_path / "managed.pem")))
+    (managed,) = [item for item in certificates(tenant.admin, org) if item["id"] != record["id"]]
+    assert "management certificate" in said and (managed["purpose"], managed["state"]) == ("management", "active")
 
 
 def test_issue_from_a_csr(server: ServerProcess, tenant: Tenant, tmp_path: Path) -> None:
@@ -254,8 +261,8 @@ def test_list_revoke_and_crl(server: ServerProcess, tenant: Tenant, tmp_path: Pa
     cli = ("credentials", "certs")
 
     everything = ok(server.cli(*cli, "list", org))
-    assert {cert_id: row[1:5] for cert_id, row in rows(everything).items()} == {
-        record["id"]: [record["device_id"], record["serial"], record["common_name"], "active"] for record in issued
+    assert {cert_id: row[1:6] for cert_id, row in rows(everything).items()} == {
+        record["id"]: [record["device_id"], record["serial"], record["common_name"], "bootstrap", "active"] for record in issued
     }
     assert "3 certificate(s)" in everything
     assert set(rows(ok(server.cli(*cli, "list", org, "--device", first["id"])))) == set(ids[:2])
@@ -266,7 +273,7 @@ def test_list_revoke_and_crl(server: ServerProcess, tenant: Tenant, tmp_path: Pa
     assert ids[0] in said
     revoked = json_ok(admin.get(f"/api/v1/orgs/{org}/certificates/{ids[0]}"))
     assert revoked["revoked_at"] and revoked["revocation_reason"] == "key_compromise"
-    assert {cert_id: row[4] for cert_id, row in rows(ok(server.cli(*cli, "list", org, "--status", "revoked"))).items()} == {
+    assert {cert_id: row[5] for cert_id, row in rows(ok(server.cli(*cli, "list", org, "--status", "revoked"))).items()} == {
         ids[0]: "revoked"
     }
     assert set(rows(ok(server.cli(*cli, "list", org, "--status", "active", "--expiring-within-days", "400")))) == set(ids[1:])
@@ -311,22 +318,28 @@ def test_psk_create_list_delete(server: ServerProcess, tenant: Tenant) -> None:
                                      "--identity", factory_identity, "--key-hex", factory_key)))
     assert imported["identity"] == factory_identity and imported["key"] == factory_key.upper()
 
+    managed = _fields(ok(server.cli("credentials", "psk", "create", org, other["id"], "--purpose", "management")))
+    assert managed["purpose"] == "management" and generated["purpose"] == imported["purpose"] == "bootstrap"
+    refused(server.cli("credentials", "psk", "create", org, other["id"], "--purpose", "firmware"), 2, "--purpose")
+
     listing = ok(server.cli("credentials", "psk", "list", org))
-    assert {psk_id: row[1:5] for psk_id, row in rows(listing).items()} == {
-        generated["psk id"]: [generated["identity"], device["id"], "32", "generated"],
-        imported["psk id"]: [factory_identity, device["id"], "16", "imported"],
+    assert {psk_id: row[1:7] for psk_id, row in rows(listing).items()} == {
+        generated["psk id"]: [generated["identity"], device["id"], "bootstrap", "active", "32", "generated"],
+        imported["psk id"]: [factory_identity, device["id"], "bootstrap", "active", "16", "imported"],
+        managed["psk id"]: [managed["identity"], other["id"], "management", "active", "32", "generated"],
     }
     for secret in (generated["key"], factory_key):
         assert secret.lower() not in listing.lower()
-    assert rows(ok(server.cli("credentials", "psk", "list", org, "--device", other["id"]))) == {}
+    assert list(rows(ok(server.cli("credentials", "psk", "list", org, "--device", other["id"])))) == [managed["psk id"]]
 
     create = ("credentials", "psk", "create", org, device["id"])
     refused(server.cli(*create, "--identity", unique("half")), 2, "--identity", "--key-hex")
     refused(server.cli(*create, "--identity", unique("odd"), "--key-hex", "abc"), 2, "hex digits")
     refused(server.cli(*create, "--key-length", "8"), 1, "key_length must be between 16 and 64")
     refused(server.cli(*create, "--identity", factory_identity, "--key-hex", factory_key), 1, "already in use")
-    assert len(psks(admin, org)) == 2
+    assert len(psks(admin, org)) == 3
 
+    ok(server.cli("credentials", "psk", "delete", org, managed["psk id"]))
     ok(server.cli("credentials", "psk", "delete", org, generated["psk id"]))
     assert admin.get(f"/api/v1/orgs/{org}/psks/{generated['psk id']}").status_code == 404
     refused(server.cli("credentials", "psk", "delete", org, generated["psk id"]), 1, "not found", "psk list")

@@ -632,6 +632,7 @@ UNSCOPED: frozenset[tuple[str, str]] = frozenset({
     ("POST", "/api/v1/trust-store"),
     ("GET", "/api/v1/trust-store/{entry_id}"),
     ("DELETE", "/api/v1/trust-store/{entry_id}"),
+    ("GET", "/api/v1/dtls/server-certificate"),
     ("GET", "/api/certs"),
     ("PUT", "/api/certs"),
     ("GET", "/api/bootstrap"),
@@ -853,6 +854,14 @@ def _attacker(w: World, client: Api) -> str:
     return next(name for name, attacker in w.attackers.items() if attacker is client)
 
 
+def _dtls_server_certificate(w: World, client: Api) -> httpx.Response:
+    """The deployment's DTLS server certificate: the same public chain for everyone signed in."""
+    response = client.get("/api/v1/dtls/server-certificate")
+    assert response.status_code == 200, response.text
+    assert response.text.startswith("-----BEGIN CERTIFICATE-----")
+    return response
+
+
 def _read_trust_store(w: World, client: Api) -> httpx.Response:
     response = client.get("/api/v1/trust-store")
     if _attacker(w, client) in TRUST_STORE_READERS:
@@ -942,6 +951,7 @@ UNSCOPED_CHECKS: dict[tuple[str, str], Callable[[World, Api], httpx.Response]] =
     ("POST", "/api/v1/trust-store"): _add_to_trust_store,
     ("GET", "/api/v1/trust-store/{entry_id}"): _read_trust_entry,
     ("DELETE", "/api/v1/trust-store/{entry_id}"): _delete_trust_entry,
+    ("GET", "/api/v1/dtls/server-certificate"): _dtls_server_certificate,
     ("GET", "/api/certs"): _read_dmp_certs,
     ("PUT", "/api/certs"): _replace_dmp_certs,
     ("GET", "/api/bootstrap"): _find_dmp_servers,

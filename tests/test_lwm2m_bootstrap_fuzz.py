@@ -19,9 +19,9 @@ from harness import Api, ServerProcess
 from pilotboat.bootstrap.plan import build_plan
 from pilotboat.lwm2m.bootstrap_session import BootstrapFailed, BootstrapSession
 from pilotboat.lwm2m.messages import Reply
-from pilotboat.model.management_server import default_definition
+from pilotboat.model.management_server import DeploymentServer
 
-PLAN = build_plan("d", "o", "ep", default_definition("127.0.0.1", 5683), authenticated=False)
+PLAN = build_plan("d", "o", "ep", DeploymentServer("127.0.0.1", 5683).listed, authenticated=False)
 CODES = ["2.01", "2.02", "2.04", "2.05", "4.00", "4.04", "4.05", "4.06", "4.15", "5.00"]
 
 

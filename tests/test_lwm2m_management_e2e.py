@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from harness import ADMIN_EMAIL, ADMIN_PASSWORD, Api, ServerProcess, Tenant, make_tenant
-from lwm2m_helpers import events_of, make_device
+from lwm2m_helpers import call, events_of, eventually, make_device
 from notification_helpers import Receiver, open_stream
 from pilotboat.sim import SimulatedDevice
 from pilotboat.sim.exchange import Timing
@@ -45,21 +45,6 @@ def org(e2e_server: ServerProcess) -> Iterator[Tenant]:
     yield tenant
     tenant.close()
     root.close()
-
-
-async def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """A blocking API call off the event loop, so that the simulated device keeps answering."""
-    return await asyncio.to_thread(method, *args, **kwargs)
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = await call(check)
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
 
 
 def test_bootstrap_register_operate_observe_rebootstrap_deregister(e2e_server: ServerProcess, org: Tenant) -> None:

@@ -17,15 +17,61 @@ from pilotboat.api.native import router as native_router
 from pilotboat.api.native.event_stream import end_streams_on_exit_signal
 from pilotboat.coap.load import settle_garbage_collector
 from pilotboat.coap.udp import PortInUse
+from pilotboat.dtls.transport import Limits
 from pilotboat.lwm2m.bootstrap_server import BootstrapServer
+from pilotboat.lwm2m.listener import DoorCredentials, Ports
 from pilotboat.lwm2m.management_server import ManagementServer
-from pilotboat.runtime import WrongMasterKey, build_runtime, start
+from pilotboat.runtime import Runtime, WrongMasterKey, build_runtime, start
+from pilotboat.services.device_identity import Door
+from pilotboat.services.server_key import ServerCredentialsError
 from pilotboat.settings import Settings
 
 log = logging.getLogger("pilotboat")
 
 #: Routes that take form bodies (OAuth2 password grant) instead of JSON.
 FORM_PATHS = frozenset({"/api/v1/auth/token"})
+
+
+def bootstrap_ports(settings: Settings) -> Ports:
+    """The bootstrap server's ports: plain CoAP only when NoSec is allowed; 0 = not opened."""
+    return Ports(settings.coap_host, settings.bootstrap_port if settings.allow_nosec else 0, settings.bootstrap_dtls_port)
+
+
+def management_ports(settings: Settings) -> Ports:
+    """The management server's ports (none when it does not listen here)."""
+    if not settings.lwm2m_listen:
+        return Ports(settings.coap_host, 0, 0)
+    return Ports(settings.coap_host, settings.lwm2m_port if settings.allow_nosec else 0, settings.lwm2m_dtls_port)
+
+
+async def start_lwm2m(settings: Settings, runtime: Runtime) -> tuple[BootstrapServer | None, ManagementServer | None]:
+    """Start the LwM2M bootstrap and management servers on their ports."""
+    services = runtime.services
+    limits = Limits(max_sessions=settings.dtls_max_sessions, idle_timeout=settings.dtls_idle_timeout)
+    if not settings.allow_nosec:
+        log.info("plain CoAP ports not opened: PILOTBOAT_ALLOW_NOSEC is false, devices connect over DTLS only")
+    bootstrap_server = management_server = None
+    ports = bootstrap_ports(settings)
+    if ports.plain or ports.dtls:
+        bootstrap_server = await BootstrapServer.start(
+            services.bootstrap, ports, credentials=DoorCredentials(services.device_identity, Door.BOOTSTRAP),
+            limits=limits, request_timeout=settings.bootstrap_request_timeout, max_sessions=settings.bootstrap_max_sessions,
+        )
+    ports = management_ports(settings)
+    if ports.plain or ports.dtls:
+        try:
+            management_server = await ManagementServer.start(
+                services.registry, runtime.device_link, ports,
+                credentials=DoorCredentials(services.device_identity, Door.MANAGEMENT), limits=limits,
+            )
+        except BaseException:
+            if bootstrap_server is not None:
+                await bootstrap_server.close()
+            raise
+    for name, server in (("bootstrap", bootstrap_server), ("lwm2m", management_server)):
+        if server is not None and server.listener.dtls is not None:
+            ops.watch_dtls(name, server.listener.dtls)
+    return bootstrap_server, management_server
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -40,17 +86,10 @@ def create_app(settings: Settings) -> FastAPI:
             services.event_log.start()
             await services.event_feed.start()
             services.webhook_dispatcher.start()
-            if settings.bootstrap_port:
-                bootstrap_server = await BootstrapServer.start(
-                    runtime.services.bootstrap, settings.coap_host, settings.bootstrap_port,
-                    request_timeout=settings.bootstrap_request_timeout, max_sessions=settings.bootstrap_max_sessions,
-                )
-            if settings.lwm2m_listen:
-                management_server = await ManagementServer.start(
-                    services.registry, runtime.device_link, settings.coap_host, settings.lwm2m_port,
-                )
+            bootstrap_server, management_server = await start_lwm2m(settings, runtime)
+            if management_server is not None:
                 await services.registry.start()
-        except (WrongMasterKey, PortInUse) as exc:
+        except (WrongMasterKey, PortInUse, ServerCredentialsError) as exc:
             log.error(str(exc))
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise

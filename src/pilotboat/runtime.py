@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from pilotboat.bootstrap.credentials import ManagementCredentials
 from pilotboat.bootstrap.service import BootstrapService, SecureKeys
 from pilotboat.lwm2m.management_server import CoapDeviceLink
-from pilotboat.model.management_server import default_definition
+from pilotboat.model.management_server import DeploymentServer
 from pilotboat.registry.hold import RegistrationHold
 from pilotboat.registry.service import RegistryService
 from pilotboat.registry.store import MemoryRegistrationStore
@@ -20,6 +22,7 @@ from pilotboat.services.accounts import AccountService
 from pilotboat.services.authorities import AuthorityService
 from pilotboat.services.certificates import CertificateService
 from pilotboat.services.container import Services
+from pilotboat.services.device_identity import DeviceIdentityService, ServerKeySource
 from pilotboat.services.device_operations import DeviceOperationService
 from pilotboat.services.devices import DeviceService
 from pilotboat.services.directory import DirectoryService
@@ -31,6 +34,7 @@ from pilotboat.services.keyring import KeyringService
 from pilotboat.services.management_servers import ManagementServerService
 from pilotboat.services.observations import ObservationService
 from pilotboat.services.psks import PskService
+from pilotboat.services.server_key import DeploymentKeyStore
 from pilotboat.services.trust import TrustService
 from pilotboat.services.webhook_delivery import DeliveryPolicy, WebhookDispatcher
 from pilotboat.services.webhooks import WebhookService
@@ -75,10 +79,19 @@ def build_runtime(settings: Settings) -> Runtime:
     tokens = TokenCodec(sealer, settings.token_ttl_seconds)
     devices = DeviceService(sessions, sealer)
     authorities = AuthorityService(sessions, sealer)
-    management_servers = ManagementServerService(sessions, default_definition(settings.public_host, settings.lwm2m_port))
+    deployment_server = DeploymentServer(
+        settings.public_host, settings.lwm2m_port, settings.lwm2m_dtls_port, allow_nosec=settings.allow_nosec,
+    )
+    management_servers = ManagementServerService(sessions, deployment_server.listed)
+    psks = PskService(sessions, sealer)
+    trust = TrustService(sessions)
+    device_identity = DeviceIdentityService(
+        sessions, psks, trust, DeploymentKeyStore(sessions, sealer),
+        ServerKeySource(settings.public_host, settings.dtls_certificate, settings.dtls_private_key),
+    )
     event_log = EventLog(sessions)
     registry = RegistryService(
-        sessions, MemoryRegistrationStore(grace=settings.registration_grace), event_log,
+        sessions, MemoryRegistrationStore(grace=settings.registration_grace), event_log, identity=device_identity,
         hold=RegistrationHold(hold=settings.registration_hold_seconds),
     )
     device_link = CoapDeviceLink()
@@ -96,12 +109,17 @@ def build_runtime(settings: Settings) -> Runtime:
     services = Services(
         accounts=AccountService(sessions, tokens, authorities),
         devices=devices,
-        bootstrap=BootstrapService(sessions, devices, secure_keys(settings), management_servers),
+        bootstrap=BootstrapService(
+            sessions, devices, secure_keys(settings), management_servers, deployment=deployment_server,
+            identity=device_identity,
+            credentials=ManagementCredentials(sealer, authorities, timedelta(days=settings.certificate_renewal_days)),
+        ),
         events=EventService(sessions),
         authorities=authorities,
         certificates=CertificateService(sessions, sealer, authorities),
-        psks=PskService(sessions, sealer),
-        trust=TrustService(sessions),
+        psks=psks,
+        trust=trust,
+        device_identity=device_identity,
         keyring=KeyringService(sessions, sealer),
         management_servers=management_servers,
         event_log=event_log,

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Environment variables holding secrets: removed from ``os.environ`` once read.
@@ -55,6 +55,45 @@ class Settings(BaseSettings):
     )
     lwm2m_port: int = Field(
         default=5683, ge=1, le=65535, description="UDP port of the LwM2M management server (plain CoAP), written into the default definition.",
+    )
+    bootstrap_dtls_port: int = Field(
+        default=5784, ge=0, le=65535, description="UDP port of the LwM2M bootstrap server over DTLS (PSK and X.509); 0 switches it off.",
+    )
+    lwm2m_dtls_port: int = Field(
+        default=5684, ge=0, le=65535,
+        description="UDP port of the LwM2M management server over DTLS, written into the default definition for devices with credentials; 0 switches it off.",
+    )
+    allow_nosec: bool = Field(
+        default=True,
+        description=(
+            "Serve LwM2M over plain CoAP too (the bootstrap and LwM2M ports). Plain CoAP authenticates no device: "
+            "convenient for a first try, unsafe in production; false keeps devices on DTLS only."
+        ),
+    )
+    dtls_certificate: Path | None = Field(
+        default=None,
+        description="PEM certificate chain (leaf first, ECDSA P-256) the DTLS servers present. Default: a certificate "
+        "for PILOTBOAT_PUBLIC_HOST created on first start and kept (key sealed) in the database.",
+    )
+    dtls_private_key: Path | None = Field(
+        default=None, description="PEM private key of PILOTBOAT_DTLS_CERTIFICATE (unencrypted PKCS#8 or SEC1).",
+    )
+    dtls_max_sessions: int = Field(
+        default=10_000, ge=1, description="DTLS sessions (handshakes and established) one port keeps; the least recently active goes first.",
+    )
+    dtls_idle_timeout: float = Field(
+        default=600.0, gt=0, le=86400, description="Seconds without traffic after which an established DTLS session is dropped.",
+    )
+    certificate_renewal_days: int = Field(
+        default=30, ge=0, le=3650,
+        description="A device bootstrapping in certificate mode gets a new management certificate when its current one "
+        "expires within this many days.",
+    )
+    http_tls_certificate: Path | None = Field(
+        default=None, description="PEM certificate chain for serving the HTTP API over TLS (with PILOTBOAT_HTTP_TLS_PRIVATE_KEY).",
+    )
+    http_tls_private_key: Path | None = Field(
+        default=None, description="PEM private key of PILOTBOAT_HTTP_TLS_CERTIFICATE.",
     )
     bootstrap_request_timeout: float = Field(
         default=10.0, gt=0, le=300,
@@ -137,6 +176,15 @@ class Settings(BaseSettings):
         if value is not None and 0 < len(value.get_secret_value()) < 8:
             raise ValueError("must have at least 8 characters")
         return value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> Settings:
+        for certificate, key, name in (
+            (self.dtls_certificate, self.dtls_private_key, "DTLS"), (self.http_tls_certificate, self.http_tls_private_key, "HTTP TLS"),
+        ):
+            if (certificate is None) != (key is None):
+                raise ValueError(f"the {name} certificate and private key are set together or not at all")
+        return self
 
     @property
     def resolved_database_url(self) -> str:

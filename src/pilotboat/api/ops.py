@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pilotboat import __version__
 
 if TYPE_CHECKING:
+    from pilotboat.dtls.transport import DtlsServerTransport
     from pilotboat.services.container import Services
 
 log = logging.getLogger("pilotboat.http")
@@ -28,6 +29,7 @@ REQUESTS = Counter("pilotboat_http_requests_total", "HTTP requests", ["method", 
 LATENCY = Histogram("pilotboat_http_request_seconds", "HTTP request latency", ["method", "route"])
 REGISTRATIONS = Gauge("pilotboat_lwm2m_registrations", "LwM2M registrations held by this node")
 EVENTS_QUEUED = Gauge("pilotboat_events_queued", "Events of the hot paths waiting to be written")
+DTLS_SESSIONS = Gauge("pilotboat_dtls_sessions", "DTLS sessions (handshakes under way and established) held by a port", ["server"])
 EVENTS_DROPPED = Gauge("pilotboat_events_dropped", "Events dropped since start because the database was away too long")
 SWAGGER_DIR = Path(str(swagger_ui_bundle.swagger_ui_path))
 
@@ -49,6 +51,11 @@ def watch(services: Services) -> None:
     REGISTRATIONS.set_function(lambda: services.registry.registered)
     EVENTS_QUEUED.set_function(lambda: len(services.event_log))
     EVENTS_DROPPED.set_function(lambda: services.event_log.dropped)
+
+
+def watch_dtls(server: str, transport: DtlsServerTransport) -> None:
+    """Export the session count of one server's DTLS port."""
+    DTLS_SESSIONS.labels(server=server).set_function(lambda: transport.session_count)
 
 
 def install_docs(app: FastAPI) -> None:

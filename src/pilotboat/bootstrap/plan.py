@@ -13,7 +13,12 @@ from pilotboat.model.management_server import SecurityMode, ServerDefinition
 
 
 class PlanRefused(Exception):
-    """The device may not be bootstrapped as asked; the message is the reason recorded in the event."""
+    """The device may not be bootstrapped as asked; the message is the reason recorded in the event,
+    ``code`` the CoAP response code the door answers ("4.00", or "4.03" for a credential of another device)."""
+
+    def __init__(self, reason: str, *, code: str = "4.00") -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -47,10 +52,8 @@ class BootstrapPlan:
         ]
 
 
-def build_plan(
-    device_id: str, org_id: str, endpoint: str, definition: ServerDefinition, *, authenticated: bool
-) -> BootstrapPlan:
-    """The plan for one device sent to ``definition``.
+def check_transport(definition: ServerDefinition, *, authenticated: bool) -> None:
+    """Refuse a definition whose credentials cannot be provisioned over this transport.
 
     Credentials are provisioned only over an authenticated, encrypted transport: a management server
     that needs a PSK or a certificate cannot be given to a device bootstrapping over plain CoAP, since
@@ -62,6 +65,25 @@ def build_plan(
             f"management server {definition.uri} needs security mode {mode.name}, whose credentials are "
             "provisioned only to devices bootstrapping over DTLS"
         )
-    if mode is not SecurityMode.NOSEC:
-        raise PlanRefused(f"provisioning {mode.name} credentials is not available on this server yet")
-    return BootstrapPlan(device_id, org_id, endpoint, (ServerAccount(definition),))
+    if mode not in PROVISIONED_MODES:
+        raise PlanRefused(f"provisioning {mode.name} credentials is not available on this server")
+
+
+#: Security modes whose credentials a bootstrap provisions.
+PROVISIONED_MODES = (SecurityMode.NOSEC, SecurityMode.PSK, SecurityMode.CERTIFICATE)
+
+
+def build_plan(
+    device_id: str, org_id: str, endpoint: str, definition: ServerDefinition, *, authenticated: bool,
+    identity: bytes = b"", server_public_key: bytes = b"", secret_key: bytes = b"",
+) -> BootstrapPlan:
+    """The plan for one device sent to ``definition``, with its credentials for it: PSK identity and
+    key, or certificate, server trust anchor and private key (DER); none in NoSec mode."""
+    check_transport(definition, authenticated=authenticated)
+    mode = definition.security_mode
+    needed = {SecurityMode.NOSEC: (), SecurityMode.PSK: (identity, secret_key),
+              SecurityMode.CERTIFICATE: (identity, server_public_key, secret_key)}[mode]
+    if not all(needed):
+        raise ValueError(f"security mode {mode.name} needs its credentials")
+    account = ServerAccount(definition, identity, server_public_key, secret_key) if needed else ServerAccount(definition)
+    return BootstrapPlan(device_id, org_id, endpoint, (account,))

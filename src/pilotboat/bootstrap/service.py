@@ -15,7 +15,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from pilotboat.bootstrap.plan import BootstrapPlan, PlanRefused, build_plan
+from pilotboat.bootstrap.credentials import ManagementCredentials, Provisioned
+from pilotboat.bootstrap.plan import BootstrapPlan, PlanRefused, build_plan, check_transport
+from pilotboat.model.management_server import DeploymentServer, SecurityMode
 from pilotboat.model.peer import PeerIdentity
 from pilotboat.model.principal import Principal
 from pilotboat.model.roles import Permission
@@ -24,6 +26,7 @@ from pilotboat.security.digests import verify_secret
 from pilotboat.security.throttle import RateBudget
 from pilotboat.services import events
 from pilotboat.services.access import require
+from pilotboat.services.device_identity import AuthenticatedDevice, DeviceIdentityService, Door, IdentityRefused
 from pilotboat.services.devices import DeviceService
 from pilotboat.services.management_servers import ManagementServerService
 from pilotboat.services.errors import Forbidden, InvalidInput, NotFound, ServiceError, Unauthenticated, Unavailable
@@ -33,6 +36,11 @@ MAX_EXTERNAL_ID_LENGTH = 256
 #: LwM2M endpoint names are stored in a column of this size.
 MAX_ENDPOINT_LENGTH = 256
 INACTIVE_REASON = "device inactive"
+OTHER_DEVICE_REASON = "credential of another device"
+DTLS_ONLY_REASON = (
+    "this deployment's management server is served over DTLS only (PILOTBOAT_ALLOW_NOSEC is false): "
+    "bootstrap over DTLS with a PSK or a certificate"
+)
 #: Events recorded per second for LwM2M requests naming no known device (a flood must not fill the table).
 UNKNOWN_ENDPOINT_EVENTS_PER_SECOND = 20
 
@@ -63,11 +71,15 @@ class SecureKeys:
 class BootstrapService:
     def __init__(
         self, sessions: async_sessionmaker[AsyncSession], devices: DeviceService, secure_keys: SecureKeys | None,
-        servers: ManagementServerService,
+        servers: ManagementServerService, *, deployment: DeploymentServer, identity: DeviceIdentityService,
+        credentials: ManagementCredentials,
     ) -> None:
         self._sessions = sessions
         self._devices = devices
         self._servers = servers
+        self._deployment = deployment
+        self._identity = identity
+        self._credentials = credentials
         self._secure_keys = secure_keys
         self._replay_guard = sealed_bootstrap.ReplayGuard()
         self._unknown_endpoint_events = RateBudget(UNKNOWN_ENDPOINT_EVENTS_PER_SECOND, burst=UNKNOWN_ENDPOINT_EVENTS_PER_SECOND)
@@ -180,23 +192,45 @@ class BootstrapService:
 
     async def plan_for_endpoint(self, endpoint: str, *, peer: PeerIdentity | None, door: str) -> BootstrapPlan:
         """The plan of the active device with LwM2M ``endpoint``; ``PlanRefused`` (recorded as an
-        event) when there is none or it may not be bootstrapped. ``peer`` is None on plain CoAP."""
+        event) when there is none or it may not be bootstrapped. ``peer`` is None on plain CoAP; over
+        DTLS its credential must be a bootstrap credential of that very device (else a 4.03 refusal).
+        Management credentials the plan carries are created in the transaction of the decision."""
         actor = f"device:{endpoint[:64]}"
         if not endpoint or len(endpoint) > MAX_ENDPOINT_LENGTH:
             raise PlanRefused(f"endpoint names are 1 to {MAX_ENDPOINT_LENGTH} characters")
         refusal: PlanRefused | None = None
+        authenticated: AuthenticatedDevice | None = None
+        anchor = b""
+        if peer is not None:
+            try:
+                authenticated = await self._identity.resolve(peer, Door.BOOTSTRAP)
+                # Read (or created) before the decision's transaction, which must not wait on another.
+                anchor = (await self._identity.server_credentials()).trust_anchor
+            except IdentityRefused as exc:
+                refusal = PlanRefused(str(exc))
         async with self._sessions.begin() as session:
             device = await session.scalar(select(Device).where(Device.endpoint == endpoint))
+            # The device a refusal is recorded for: the credential's own when it names another one.
+            subject = device
             try:
+                if refusal is not None:
+                    raise refusal
                 if device is None:
                     raise PlanRefused("unknown endpoint")
-                return await self._decide(session, device, authenticated=peer is not None)
+                if authenticated is not None:
+                    if authenticated.endpoint is None:
+                        raise PlanRefused("the credential's device has no endpoint name")
+                    if authenticated.device_id != device.id:
+                        subject = await session.get(Device, authenticated.device_id)
+                        raise PlanRefused(OTHER_DEVICE_REASON, code="4.03")
+                transport = authenticated.security_mode if authenticated is not None else SecurityMode.NOSEC
+                return await self._decide(session, device, transport=transport, anchor=anchor, actor=actor)
             except PlanRefused as exc:
                 refusal = exc
-                if device is not None:
+                if subject is not None:
                     events.record(
-                        session, events.BOOTSTRAP_FAILED, org_id=device.org_id, device_id=device.id, actor=actor,
-                        outcome="refused", reason=str(exc), door=door,
+                        session, events.BOOTSTRAP_FAILED, org_id=subject.org_id, device_id=subject.id, actor=actor,
+                        outcome="refused", reason=str(exc), door=door, endpoint=endpoint[:64],
                     )
                 elif self._unknown_endpoint_events.allow():
                     events.record(
@@ -215,15 +249,36 @@ class BootstrapService:
                 raise NotFound("device not found")
             if not device.endpoint:
                 raise PlanRefused("the device has no LwM2M endpoint name")
-            return await self._decide(session, device, authenticated=False)
+            return await self._decide(session, device, transport=SecurityMode.NOSEC, anchor=None, actor="")
 
-    async def _decide(self, session: AsyncSession, device: Device, *, authenticated: bool) -> BootstrapPlan:
-        """The one bootstrap decision for a known device: active, and sent to its management server."""
+    async def _decide(
+        self, session: AsyncSession, device: Device, *, transport: SecurityMode, anchor: bytes | None, actor: str,
+    ) -> BootstrapPlan:
+        """The one bootstrap decision for a known device: active, and sent to its management server in
+        the mode its definition (the default one: the bootstrap transport) asks for, with new
+        credentials. ``anchor`` None: a preview, which creates no credentials."""
         if device.state != 1:
             raise PlanRefused(INACTIVE_REASON)
         definition = await self._servers.definition_for_device(session, device)
+        if definition.is_default:
+            chosen = self._deployment.over(transport)
+            if chosen is None:
+                raise PlanRefused(DTLS_ONLY_REASON)
+            definition = chosen
+        authenticated = transport is not SecurityMode.NOSEC
+        check_transport(definition, authenticated=authenticated)
         assert device.endpoint is not None
-        return build_plan(device.id, device.org_id, device.endpoint, definition, authenticated=authenticated)
+        provisioned: Provisioned | None = None
+        if anchor is not None and definition.security_mode is SecurityMode.PSK:
+            provisioned = await self._credentials.psk(session, device, actor=actor)
+        elif anchor is not None and definition.security_mode is SecurityMode.CERTIFICATE:
+            provisioned = await self._credentials.certificate(session, device, anchor, actor=actor)
+        if provisioned is None:
+            return build_plan(device.id, device.org_id, device.endpoint, definition, authenticated=authenticated)
+        return build_plan(
+            device.id, device.org_id, device.endpoint, definition, authenticated=authenticated,
+            identity=provisioned.identity, server_public_key=provisioned.server_public_key, secret_key=provisioned.secret_key,
+        )
 
     async def record_session(
         self, plan: BootstrapPlan, *, door: str, outcome: str, reason: str | None = None, **detail: object

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pilotboat.cli.admin import OPERATOR, resolve_org, run_action
+from pilotboat.model.credential import Purpose
 from pilotboat.services.authorities import chain_pem
 from pilotboat.services.errors import NotFound
 
@@ -47,6 +48,10 @@ DEVICE_HINT = "give the device's id (not its name or external id)"
 PAGE = 100
 
 Org = Annotated[str, typer.Argument(help="Organisation name or id")]
+PurposeOption = Annotated[Purpose, typer.Option(
+    "--purpose", help="bootstrap: a factory credential for the bootstrap server; management: pre-provisioned for the "
+    "management server",
+)]
 InFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="PEM file")]
 OutFile = Annotated[Path | None, typer.Option("--output", "-o", dir_okay=False, help="Write to this file instead of stdout")]
 
@@ -199,6 +204,7 @@ def certs_issue(
     cert_out: Annotated[Path | None, typer.Option(
         "--cert-out", dir_okay=False, help="File for the certificate and its CA chain (default: stdout)"
     )] = None,
+    purpose: PurposeOption = Purpose.BOOTSTRAP,
 ) -> None:
     if csr is None and key_out is None:
         _fail("without --csr a private key is generated, and it is never printed: give --key-out FILE "
@@ -212,7 +218,7 @@ def certs_issue(
 
     async def action(services: Services) -> IssuedCertificate:
         org_id = await resolve_org(services, org)
-        return await _hinted(services.certificates.issue(OPERATOR, org_id, device_id, csr_pem), DEVICE_HINT)
+        return await _hinted(services.certificates.issue(OPERATOR, org_id, device_id, csr_pem, purpose=purpose), DEVICE_HINT)
 
     try:
         issued = run_action(action)
@@ -227,7 +233,7 @@ def certs_issue(
     record = issued.record
     _emit(record.certificate_pem + issued.chain_pem, cert_out, "the certificate and its CA chain")
     note = console if cert_out else err
-    note.print(f"issued certificate {record.id} (serial {record.serial}, CN {escape(record.common_name)}, "
+    note.print(f"issued {record.purpose} certificate {record.id} (serial {record.serial}, CN {escape(record.common_name)}, "
                f"valid until {_when(record.not_after)})")
     if key_out is not None:
         note.print(f"private key written to {escape(str(key_out))} (mode 0600)")
@@ -259,11 +265,12 @@ def certs_list(
         return await _all_pages(fetch)
 
     rows = run_action(action)
-    table = Table("id", "device", "serial", "common name", "status", "not after", "key")
+    table = Table("id", "device", "serial", "common name", "purpose", "status", "not after", "key")
     for row in rows:
-        state = "revoked" if row.revoked_at else "expired" if row.not_after <= now else "active"
+        state = "revoked" if row.revoked_at else "expired" if row.not_after <= now else row.state
         key = row.key_source + (", kept" if row.key_sealed else "")
-        _row(table, row.id, row.device_id or "(deleted)", row.serial, row.common_name, state, _when(row.not_after), key)
+        _row(table, row.id, row.device_id or "(deleted)", row.serial, row.common_name, row.purpose, state,
+             _when(row.not_after), key)
     console.print(table)
     console.print(f"{len(rows)} certificate(s)")
 
@@ -294,6 +301,7 @@ def psk_create(
     identity: Annotated[str | None, typer.Option("--identity", help="Import: the factory identity")] = None,
     key_hex: Annotated[str | None, typer.Option("--key-hex", help="Import: the factory key, in hex")] = None,
     key_length: Annotated[int, typer.Option("--key-length", help="Bytes of a generated key (16 to 64)")] = 32,
+    purpose: PurposeOption = Purpose.BOOTSTRAP,
 ) -> None:
     if (identity is None) != (key_hex is None):
         _fail("to import a PSK give both --identity and --key-hex; to generate one give neither", 2)
@@ -305,13 +313,15 @@ def psk_create(
     async def action(services: Services) -> CreatedPsk:
         org_id = await resolve_org(services, org)
         return await _hinted(
-            services.psks.create(OPERATOR, org_id, device_id, identity=identity, key=key, key_length=key_length),
+            services.psks.create(OPERATOR, org_id, device_id, identity=identity, key=key, key_length=key_length,
+                                purpose=purpose),
             DEVICE_HINT,
         )
 
     created = run_action(action)
     typer.echo(f"psk id: {created.record.id}")
     typer.echo(f"identity: {created.record.identity}")
+    typer.echo(f"purpose: {created.record.purpose}")
     typer.echo(f"key: {created.key.hex().upper()}")
     err.print("the key is not shown again: put it on the device now")
 
@@ -325,9 +335,10 @@ def psk_list(
         return await _all_pages(lambda offset, limit: services.psks.list(OPERATOR, org_id, device, offset, limit))
 
     rows = run_action(action)
-    table = Table("id", "identity", "device", "key bytes", "source", "created")
+    table = Table("id", "identity", "device", "purpose", "state", "key bytes", "source", "created")
     for row in rows:
-        _row(table, row.id, row.identity, row.device_id, row.key_length, row.source, _when(row.created_at))
+        _row(table, row.id, row.identity, row.device_id, row.purpose, row.state, row.key_length, row.source,
+             _when(row.created_at))
     console.print(table)
     console.print(f"{len(rows)} PSK(s)")
 

@@ -51,7 +51,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command(help=f"Run the server (HTTP API and bootstrap routes, LwM2M bootstrap server over CoAP) on this machine.\n\nSettings come from flags and environment variables:\n\n{_SETTINGS_HELP}")
+@app.command(help=f"Run the server (HTTP API and bootstrap routes, LwM2M bootstrap and management servers over CoAP and DTLS) on this machine.\n\nSettings come from flags and environment variables:\n\n{_SETTINGS_HELP}")
 def serve(
     host: Annotated[str | None, typer.Option(help="HTTP listen address (env PILOTBOAT_HTTP_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (env PILOTBOAT_HTTP_PORT)")] = None,
@@ -64,7 +64,7 @@ def serve(
     from pydantic import ValidationError
 
     from pilotboat import logs
-    from pilotboat.app import create_app
+    from pilotboat.app import bootstrap_ports, create_app, management_ports
     from pilotboat.runtime import secure_keys
     from pilotboat.security.secure_bootstrap import SecureBootstrapKeyError
 
@@ -80,14 +80,40 @@ def serve(
         _fail(f"invalid setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
     except (SecureBootstrapKeyError, ValueError) as exc:
         _fail(str(exc))
+    tls = _http_tls(settings)
     logs.configure(settings.log_level, settings.log_format)
-    err.print(f"Pilotboat {__version__} on http://{settings.http_host}:{settings.http_port} (docs at /docs)")
-    if settings.bootstrap_port:
-        err.print(f"LwM2M bootstrap server on coap://{settings.coap_host}:{settings.bootstrap_port}")
+    scheme = "https" if tls else "http"
+    err.print(f"Pilotboat {__version__} on {scheme}://{settings.http_host}:{settings.http_port} (docs at /docs)")
+    for server, ports in (("bootstrap", bootstrap_ports(settings)), ("management", management_ports(settings))):
+        for address in ports.addresses():
+            err.print(f"LwM2M {server} server on {address}")
+    if not settings.allow_nosec:
+        err.print("Plain CoAP is off (PILOTBOAT_ALLOW_NOSEC=false): devices connect over DTLS only")
     # The standard asyncio loop, not uvloop: under uvloop, aiocoap's UDP socket stops receiving once an
     # ICMP "port unreachable" comes back from a departed client (its error-queue reader is not served).
     uvicorn.run(application, host=settings.http_host, port=settings.http_port, log_config=None, access_log=False,
-                server_header=False, loop="asyncio")
+                server_header=False, loop="asyncio", **tls)
+
+
+def _http_tls(settings: Settings) -> dict[str, str]:
+    """uvicorn's TLS arguments for the HTTP API (none without a certificate); exits with a clear error
+    when the certificate or key cannot be read or do not belong together."""
+    import ssl
+
+    if settings.http_tls_certificate is None or settings.http_tls_private_key is None:
+        return {}
+    certificate, key = settings.http_tls_certificate, settings.http_tls_private_key
+    for setting, path in (("PILOTBOAT_HTTP_TLS_CERTIFICATE", certificate), ("PILOTBOAT_HTTP_TLS_PRIVATE_KEY", key)):
+        if not path.is_file():
+            _fail(f"{setting}: {path}: no such file")
+        if not os.access(path, os.R_OK):
+            _fail(f"{setting}: {path}: not readable by this user")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certificate, key)
+    except (ssl.SSLError, OSError) as exc:
+        _fail(f"PILOTBOAT_HTTP_TLS_CERTIFICATE ({certificate}) and PILOTBOAT_HTTP_TLS_PRIVATE_KEY ({key}) are not a "
+              f"PEM certificate chain and its private key: {exc}")
+    return {"ssl_certfile": str(certificate), "ssl_keyfile": str(key)}
 
 
 @db_app.command("upgrade", help="Apply pending database migrations (also done by serve on start).")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
@@ -20,6 +22,7 @@ from pilotboat.model.management_server import DEFAULT_LIFETIME, SecurityMode
 from pilotboat.sim import (
     AssignedServer,
     BootstrapResult,
+    ClientCredentials,
     FleetStats,
     ReceivedRequest,
     RegistrationFleetStats,
@@ -30,8 +33,9 @@ from pilotboat.sim import (
     register_fleet,
     run_fleet,
 )
-from pilotboat.sim.exchange import BLOCK_SIZES, coap_address
+from pilotboat.sim.exchange import BLOCK_SIZES, coap_address, is_secure
 from pilotboat.sim.fleet import DEFAULT_LINGER, bootstrap_device, raise_open_file_limit
+from pilotboat.sim.security import load_credentials, read_credentials_csv
 
 app = typer.Typer(help="Simulated LwM2M devices, one or thousands, against a running server.", no_args_is_help=True)
 console = Console()
@@ -57,6 +61,60 @@ FORMATS = {WriteFormat.tlv: content.TLV, WriteFormat.senml_json: content.SENML_J
 def _fail(message: str) -> NoReturn:
     err.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(2)
+
+
+# DTLS credentials: one set for a single device (or shared by a fleet), or a CSV file with one per device.
+PskIdentity = Annotated[str | None, typer.Option("--psk-identity", help="PSK identity for a coaps:// server")]
+PskKey = Annotated[str | None, typer.Option("--psk-key", help="PSK key in hex for a coaps:// server")]
+CertificateFile = Annotated[Path | None, typer.Option("--certificate", help="The device's certificate (PEM, chain "
+                                                                          "leaf first) for a coaps:// server")]
+PrivateKeyFile = Annotated[Path | None, typer.Option("--private-key", help="The device certificate's private key (PEM)")]
+ServerCertificateFile = Annotated[Path | None, typer.Option(
+    "--server-certificate", help="The coaps:// server's certificate or CA (PEM): the trust anchor its chain must reach")]
+CredentialsFile = Annotated[Path | None, typer.Option(
+    "--credentials", help="CSV with one DTLS credential per device: endpoint,psk_identity,psk_key (hex) or "
+                          "endpoint,certificate,private_key,server_certificate (PEM files)")]
+
+
+def _credentials(uri: str, psk_identity: str | None, psk_key: str | None, certificate: Path | None,
+                 private_key: Path | None, server_certificate: Path | None, *, paired: bool = True
+                 ) -> ClientCredentials | None:
+    """The one set of credentials given on the command line; exit 2 when incomplete or (``paired``)
+    when the URI and the credentials do not go together."""
+    try:
+        credentials = load_credentials(psk_identity=psk_identity, psk_key=psk_key, certificate=certificate,
+                                       private_key=private_key, server_certificate=server_certificate)
+    except ValueError as exc:
+        _fail(str(exc))
+    if paired:
+        _check_pairing(uri, credentials is not None)
+    return credentials
+
+
+def _check_pairing(uri: str, has_credentials: bool) -> None:
+    if is_secure(uri) and not has_credentials:
+        _fail(f"{uri} is a DTLS server: give --psk-identity and --psk-key, or --certificate, --private-key and "
+              "--server-certificate")
+    if has_credentials and not is_secure(uri):
+        _fail(f"DTLS credentials need a coaps:// server, not {uri}")
+
+
+def _fleet_credentials(uri: str, endpoints: list[str], file: Path | None, shared: ClientCredentials | None
+                       ) -> Mapping[str, ClientCredentials] | None:
+    """Per-device credentials from ``--credentials``, or the shared ones for every device."""
+    if file is None:
+        return {endpoint: shared for endpoint in endpoints} if shared is not None else None
+    if shared is not None:
+        _fail("give --credentials or one set of credentials, not both")
+    try:
+        found = read_credentials_csv(file)
+    except ValueError as exc:
+        _fail(str(exc))
+    missing = [endpoint for endpoint in endpoints if endpoint not in found]
+    if missing:
+        _fail(f"{file} has no credentials for {len(missing)} device(s), {missing[0]} the first")
+    _check_pairing(uri, True)
+    return found
 
 
 def _mode(value: int | None) -> str:
@@ -133,11 +191,13 @@ class DeviceOptions:
     timeout: float
     pack: bool
     linger: float
+    credentials: Mapping[str, ClientCredentials] | None = None
 
 
 async def _one(endpoint: str, options: DeviceOptions) -> bool:
     device = SimulatedDevice(endpoint, options.server, lwm2m_version=options.lwm2m_version,
-                             content_format=options.content_format, bootstrap_instance=options.bootstrap_instance)
+                             content_format=options.content_format, bootstrap_instance=options.bootstrap_instance,
+                             bootstrap_credentials=(options.credentials or {}).get(endpoint))
     try:
         result = await bootstrap_device(device, timeout=options.timeout, pack=options.pack)
     finally:
@@ -163,6 +223,7 @@ async def _many(endpoints: list[str], options: DeviceOptions, rate: float | None
             options.server, endpoints, rate=rate, window=window, timeout=options.timeout, pack=options.pack,
             lwm2m_version=options.lwm2m_version, content_format=options.content_format,
             bootstrap_instance=options.bootstrap_instance, linger=options.linger, progress=advance,
+            credentials=options.credentials,
         )
     _print_fleet(stats)
     return stats.failed == 0
@@ -171,7 +232,7 @@ async def _many(endpoints: list[str], options: DeviceOptions, rate: float | None
 @app.command("bootstrap", help="Client-initiated bootstrap (or Bootstrap-Pack) of one device or a fleet. "
                                "Exits 1 when any device failed.")
 def bootstrap(
-    server: Annotated[str, typer.Option(help="The bootstrap server's coap:// URI")] = "coap://127.0.0.1:5783",
+    server: Annotated[str, typer.Option(help="The bootstrap server's coap:// or coaps:// URI")] = "coap://127.0.0.1:5783",
     endpoint: Annotated[str | None, typer.Option(help="Bootstrap one device with this endpoint name")] = None,
     prefix: Annotated[str, typer.Option(help="Fleet endpoint names: <prefix><zero-padded index>")] = "sim-",
     devices: Annotated[int | None, typer.Option(help="Bootstrap a fleet of this many devices", min=1)] = None,
@@ -185,6 +246,12 @@ def bootstrap(
                                                     max=65535)] = 1,
     linger: Annotated[float, typer.Option(help="Seconds a fleet device keeps answering after its bootstrap",
                                           min=0)] = DEFAULT_LINGER,
+    psk_identity: PskIdentity = None,
+    psk_key: PskKey = None,
+    certificate: CertificateFile = None,
+    private_key: PrivateKeyFile = None,
+    server_certificate: ServerCertificateFile = None,
+    credentials_file: CredentialsFile = None,
 ) -> None:
     if (endpoint is None) == (devices is None):
         _fail("give either --endpoint NAME (one device) or --devices N (a fleet)")
@@ -198,13 +265,15 @@ def bootstrap(
         coap_address(server)
     except ValueError as exc:
         _fail(str(exc))
+    endpoints = [endpoint] if endpoint is not None else endpoint_names(prefix, devices or 0)
+    shared = _credentials(server, psk_identity, psk_key, certificate, private_key, server_certificate,
+                          paired=credentials_file is None)
     options = DeviceOptions(server, lwm2m.value, FORMATS[format] if format else None, bootstrap_instance, timeout, pack,
-                            linger)
+                            linger, _fleet_credentials(server, endpoints, credentials_file, shared))
     if endpoint is not None:
         ok = asyncio.run(_one(endpoint, options))
     else:
-        assert devices is not None
-        ok = asyncio.run(_many(endpoint_names(prefix, devices), options, rate, window))
+        ok = asyncio.run(_many(endpoints, options, rate, window))
     if not ok:
         raise typer.Exit(1)
 
@@ -259,7 +328,7 @@ def _print_registration_fleet(stats: RegistrationFleetStats, kept_running: float
                               "de-register them. Exits 1 when any Register, Update or De-register failed.")
 def register(
     count: Annotated[int, typer.Option(help="How many devices", min=1)],
-    server: Annotated[str, typer.Option(help="The management server's coap:// URI")] = "coap://127.0.0.1:5683",
+    server: Annotated[str, typer.Option(help="The management server's coap:// or coaps:// URI")] = "coap://127.0.0.1:5683",
     prefix: Annotated[str, typer.Option(help="Endpoint names: <prefix><zero-padded index>")] = "sim-",
     lifetime: Annotated[int, typer.Option(help="Registration lifetime in seconds", min=1)] = DEFAULT_LIFETIME,
     queue: Annotated[bool, typer.Option("--queue", help="Register in queue mode")] = False,
@@ -275,6 +344,12 @@ def register(
                                               "registrations)", min=0)] = 1,
     block_size: Annotated[int, typer.Option(help="Block1 size of registration payloads")] = 1024,
     deregister: Annotated[bool, typer.Option(help="De-register at the end (else the devices just vanish)")] = True,
+    psk_identity: PskIdentity = None,
+    psk_key: PskKey = None,
+    certificate: CertificateFile = None,
+    private_key: PrivateKeyFile = None,
+    server_certificate: ServerCertificateFile = None,
+    credentials_file: CredentialsFile = None,
 ) -> None:
     _check_uri(server)
     if rate is not None and rate <= 0:
@@ -283,7 +358,10 @@ def register(
         _fail("LwM2M 1.0 devices announce no format: drop --format or use --lwm2m 1.1")
     timing = _timing(block_size)
     endpoints = endpoint_names(prefix, count)
-    stats = asyncio.run(_register_fleet(endpoints, server, lifetime=lifetime, queue_mode=queue,
+    shared = _credentials(server, psk_identity, psk_key, certificate, private_key, server_certificate,
+                          paired=credentials_file is None)
+    credentials = _fleet_credentials(server, endpoints, credentials_file, shared)
+    stats = asyncio.run(_register_fleet(endpoints, server, lifetime=lifetime, queue_mode=queue, credentials=credentials,
                                         lwm2m_version=lwm2m.value, content_format=FORMATS[format] if format else None,
                                         rate=rate, window=window, timeout=timeout, keep_running=keep_running,
                                         temperature_sensors=sensors, deregister=deregister, timing=timing))
@@ -342,8 +420,10 @@ def _show_registration(result: RegistrationResult) -> None:
                             "the first Register failed.")
 def device(
     endpoint: Annotated[str, typer.Argument(help="The device's endpoint name")],
-    bootstrap: Annotated[str | None, typer.Option(help="Bootstrap first with this coap:// bootstrap server")] = None,
-    server: Annotated[str | None, typer.Option(help="Register directly with this coap:// management server")] = None,
+    bootstrap: Annotated[str | None, typer.Option(help="Bootstrap first with this coap:// or coaps:// "
+                                                                      "bootstrap server")] = None,
+    server: Annotated[str | None, typer.Option(help="Register directly with this coap:// or coaps:// "
+                                                                   "management server")] = None,
     lifetime: Annotated[int, typer.Option(help="Registration lifetime with --server", min=1)] = DEFAULT_LIFETIME,
     queue: Annotated[bool, typer.Option("--queue", help="Register in queue mode")] = False,
     lwm2m: Annotated[Version, typer.Option("--lwm2m", help="LwM2M version of the device")] = Version.v1_1,
@@ -355,13 +435,22 @@ def device(
     timeout: Annotated[float, typer.Option(help="Seconds the bootstrap and the first Register may take",
                                            min=0.1)] = 30.0,
     deregister: Annotated[bool, typer.Option(help="De-register when stopping")] = True,
+    psk_identity: PskIdentity = None,
+    psk_key: PskKey = None,
+    certificate: CertificateFile = None,
+    private_key: PrivateKeyFile = None,
+    server_certificate: ServerCertificateFile = None,
 ) -> None:
     if (bootstrap is None) == (server is None):
         _fail("give either --bootstrap URI or --server URI")
     _check_uri(bootstrap or server or "")
+    credentials = _credentials(bootstrap or server or "", psk_identity, psk_key, certificate, private_key,
+                               server_certificate)
     if format is not None and lwm2m is Version.v1_0:
         _fail("LwM2M 1.0 devices send no preferred format: drop --format or use --lwm2m 1.1")
     simulated = SimulatedDevice(endpoint, bootstrap, server_uri=server, lifetime=lifetime, queue_mode=queue,
+                                bootstrap_credentials=credentials if bootstrap else None,
+                                server_credentials=credentials if server else None,
                                 lwm2m_version=lwm2m.value, content_format=FORMATS[format] if format else None,
                                 temperature_sensors=sensors, sensor_interval=sensor_interval,
                                 on_request=_show_request, on_registration=_show_registration)

@@ -19,10 +19,12 @@ from aiocoap.numbers.codes import Code
 
 from pilotboat.bootstrap.plan import BootstrapPlan, PlanRefused
 from pilotboat.bootstrap.service import BootstrapService
-from pilotboat.coap import udp
+from pilotboat.coap.codes import code
 from pilotboat.coap.load import LoopLag
+from pilotboat.dtls.transport import Limits, SessionEnded, peer_identity
 from pilotboat.lwm2m import content
 from pilotboat.lwm2m.bootstrap_session import BootstrapFailed, BootstrapSession, Request, pack_values
+from pilotboat.lwm2m.listener import DoorCredentials, Listener, Ports
 from pilotboat.lwm2m.messages import Reply
 from pilotboat.lwm2m.model import ROOT, CodecError
 
@@ -55,8 +57,14 @@ def read_query(options: tuple[str, ...]) -> BootstrapRequestQuery:
     return BootstrapRequestQuery(endpoint, preferred)
 
 
-def _refusal(text: str) -> aiocoap.Message:
-    return aiocoap.Message(code=Code.BAD_REQUEST, payload=text.encode())
+def _refusal(text: str, dotted: str = "4.00") -> aiocoap.Message:
+    return aiocoap.Message(code=code(dotted), payload=text.encode())
+
+
+def _plan_refusal(exc: PlanRefused) -> aiocoap.Message:
+    """4.03 for a credential of another device, 4.00 otherwise; the reason is in the server's events, not
+    for the peer."""
+    return _refusal("bootstrap refused", getattr(exc, "code", "4.00"))
 
 
 class BootstrapSessions:
@@ -109,6 +117,9 @@ class BootstrapSessions:
             outcome, reason, step = "failed", exc.reason, exc.step
         except TimeoutError:
             outcome, reason = "timeout", f"no answer to {request} within {self._timeout:g} s"
+        except (SessionEnded, aiocoap.error.NoRequestInterface) as exc:
+            # Over DTLS: the session ended (closed by the device, idle, evicted); never retried in clear.
+            outcome, reason = "failed", f"the DTLS session of the device ended before {request}: {exc}"
         except asyncio.CancelledError:
             # A new Bootstrap-Request from the endpoint (recorded), or the server stopping (not recorded).
             if self._running.get(plan.endpoint) is not asyncio.current_task():
@@ -182,10 +193,10 @@ class BootstrapRequestResource(resource.Resource):
             # Busy: the sessions already running finish first; the client asks again after Max-Age.
             return aiocoap.Message(code=Code.SERVICE_UNAVAILABLE, max_age=random.randint(*RETRY_AFTER_SECONDS))
         try:
-            # Plain UDP authenticates nobody: no peer identity.
-            plan = await self._service.plan_for_endpoint(query.endpoint, peer=None, door=DOOR)
-        except PlanRefused:
-            return _refusal("bootstrap refused")  # the reason is in the server's events, not for the peer
+            # The identity the DTLS handshake authenticated; None over plain CoAP.
+            plan = await self._service.plan_for_endpoint(query.endpoint, peer=peer_identity(request), door=DOOR)
+        except PlanRefused as exc:
+            return _plan_refusal(exc)
         self._sessions.start(plan, request.remote, query.preferred_format)
         return aiocoap.Message(code=Code.CHANGED)
 
@@ -208,10 +219,10 @@ class BootstrapPackResource(resource.Resource):
         if not query.endpoint:
             return _refusal("missing ep: send GET /bspack?ep=<endpoint name>")
         try:
-            plan = await self._service.plan_for_endpoint(query.endpoint, peer=None, door=DOOR)
+            plan = await self._service.plan_for_endpoint(query.endpoint, peer=peer_identity(request), door=DOOR)
             payload = content.encode(fmt, pack_values(plan), ROOT)
-        except PlanRefused:
-            return _refusal("bootstrap refused")
+        except PlanRefused as exc:
+            return _plan_refusal(exc)
         except CodecError:
             log.exception("could not encode a Bootstrap-Pack")
             return aiocoap.Message(code=Code.INTERNAL_SERVER_ERROR)
@@ -221,29 +232,33 @@ class BootstrapPackResource(resource.Resource):
 
 
 class BootstrapServer:
-    """The running bootstrap server on one UDP port."""
+    """The running bootstrap server on its plain CoAP and/or DTLS port."""
 
-    def __init__(self, context: aiocoap.Context, sessions: BootstrapSessions, lag: LoopLag) -> None:
-        self.context = context
+    def __init__(self, listener: Listener, sessions: BootstrapSessions, lag: LoopLag) -> None:
+        self.listener = listener
+        self.context = listener.context
         self.sessions = sessions
         self.lag = lag
 
     @classmethod
     async def start(
-        cls, service: BootstrapService, host: str, port: int, *, request_timeout: float, max_sessions: int
+        cls, service: BootstrapService, ports: Ports, *, credentials: DoorCredentials | None = None,
+        limits: Limits = Limits(), request_timeout: float, max_sessions: int,
     ) -> BootstrapServer:
+        """Listen on ``ports`` (a port of 0 stays closed); ``credentials`` serve the DTLS port."""
         sessions = BootstrapSessions(service, request_timeout=request_timeout, max_sessions=max_sessions)
         lag = LoopLag()
         site = resource.Site()
         site.add_resource(["bs"], BootstrapRequestResource(service, sessions, lag))
         site.add_resource(["bspack"], BootstrapPackResource(service))
-        context = await udp.serve(site, host, port, name="bootstrap")
-        sessions.context = context
+        listener = await Listener.open(site, ports, name="bootstrap", credentials=credentials, limits=limits)
+        sessions.context = listener.context
         lag.start()
-        log.info("LwM2M bootstrap server listening", extra={"address": f"coap://{host}:{port}"})
-        return cls(context, sessions, lag)
+        for address in ports.addresses():
+            log.info("LwM2M bootstrap server listening", extra={"address": address})
+        return cls(listener, sessions, lag)
 
     async def close(self) -> None:
         await self.lag.close()
         await self.sessions.close()
-        await self.context.shutdown()
+        await self.listener.close()

@@ -18,9 +18,11 @@ import aiocoap
 from aiocoap import resource
 from aiocoap.numbers.codes import Code
 
-from pilotboat.coap import udp
+from pilotboat.coap.codes import code
 from pilotboat.coap.load import LoopLag
+from pilotboat.dtls.transport import Limits, SessionEnded, peer_identity
 from pilotboat.lwm2m import registration as parsing
+from pilotboat.lwm2m.listener import DoorCredentials, Listener, Ports
 from pilotboat.lwm2m.messages import DeviceRequest, DeviceUnreachable, Reply
 from pilotboat.lwm2m.registration import RegistrationError
 from pilotboat.registry.service import RegistryService
@@ -48,12 +50,7 @@ def _answer(code: Code, text: str = "", *, max_age: int | None = None) -> aiocoa
 
 
 def _refusal(exc: RegistrationError) -> aiocoap.Message:
-    return _answer(Code(_code_number(exc.code)), str(exc), max_age=exc.retry_after)
-
-
-def _code_number(dotted: str) -> int:
-    major, minor = dotted.split(".")
-    return int(major) * 32 + int(minor)
+    return _answer(code(exc.code), str(exc), max_age=exc.retry_after)
 
 
 def _reply(response: aiocoap.Message) -> Reply:
@@ -84,7 +81,8 @@ class DeviceObservation:
 
 class CoapDeviceLink:
     """Sends the server's requests to registered devices, from the registration socket, to the address
-    of each registration's latest Register or Update."""
+    of each registration's latest Register or Update; over DTLS, over the session of that Register or
+    Update (never in clear: without the session the request fails at once)."""
 
     def __init__(self) -> None:
         self.context: aiocoap.Context | None = None
@@ -122,6 +120,8 @@ class CoapDeviceLink:
         remote = self._remotes.get(registration.registration_id)
         if remote is not None:
             message.remote = remote
+        elif registration.peer is not None:
+            raise DeviceUnreachable("the device's DTLS session is not held by this node; it is reachable again after its next Update")
         else:  # registered through another node: address it by its registration address
             host, port = registration.address
             message.set_request_uri(f"coap://{'[' + host + ']' if ':' in host else host}:{port}")
@@ -147,6 +147,8 @@ class CoapDeviceLink:
             return await asyncio.wait_for(pending.response, timeout)  # type: ignore[attr-defined]
         except TimeoutError:
             raise DeviceUnreachable(f"no answer to {request} within {timeout:g} s", timed_out=True) from None
+        except (SessionEnded, aiocoap.error.NoRequestInterface):
+            raise DeviceUnreachable("the device's DTLS session ended; it is reachable again after its next Update") from None
         except aiocoap.error.NetworkError as exc:
             raise DeviceUnreachable(f"the device's address refuses datagrams ({exc})") from None
         except aiocoap.error.Error as exc:
@@ -176,8 +178,10 @@ class RegisterResource(_RegistrationInterface):
         try:
             query = parsing.read_register(request.opt.uri_query)
             objects = parsing.read_objects(request.payload)
-            # Plain UDP authenticates nobody: no peer identity.
-            registration = await self._registry.register(query, objects, peer_address(request.remote), peer=None)
+            # The identity the DTLS handshake authenticated; None over plain CoAP.
+            registration = await self._registry.register(
+                query, objects, peer_address(request.remote), peer=peer_identity(request),
+            )
         except RegistrationError as exc:
             return _refusal(exc)
         self._link.remember(registration.registration_id, request.remote)
@@ -202,7 +206,9 @@ class RegistrationResource(_RegistrationInterface, resource.PathCapable):
         try:
             update = parsing.read_update(request.opt.uri_query)
             objects = parsing.read_objects(request.payload) if request.payload else None
-            registration = await self._registry.update(registration_id, update, objects, peer_address(request.remote))
+            registration = await self._registry.update(
+                registration_id, update, objects, peer_address(request.remote), peer=peer_identity(request),
+            )
         except RegistrationError as exc:
             return _refusal(exc)
         self._link.remember(registration.registration_id, request.remote)
@@ -213,7 +219,9 @@ class RegistrationResource(_RegistrationInterface, resource.PathCapable):
         if registration_id is None:
             return _answer(Code.NOT_FOUND, "no such registration")
         try:
-            registration = await self._registry.deregister(registration_id)
+            registration = await self._registry.deregister(
+                registration_id, peer=peer_identity(request), address=peer_address(request.remote),
+            )
         except RegistrationError as exc:
             return _refusal(exc)
         self._link.forget(registration.registration_id)
@@ -221,24 +229,30 @@ class RegistrationResource(_RegistrationInterface, resource.PathCapable):
 
 
 class ManagementServer:
-    """The running registration interface on one UDP port."""
+    """The running registration interface on its plain CoAP and/or DTLS port."""
 
-    def __init__(self, context: aiocoap.Context, lag: LoopLag) -> None:
-        self.context = context
+    def __init__(self, listener: Listener, lag: LoopLag) -> None:
+        self.listener = listener
+        self.context = listener.context
         self.lag = lag
 
     @classmethod
-    async def start(cls, registry: RegistryService, link: CoapDeviceLink, host: str, port: int) -> ManagementServer:
+    async def start(
+        cls, registry: RegistryService, link: CoapDeviceLink, ports: Ports, *,
+        credentials: DoorCredentials | None = None, limits: Limits = Limits(),
+    ) -> ManagementServer:
+        """Listen on ``ports`` (a port of 0 stays closed); ``credentials`` serve the DTLS port."""
         lag = LoopLag()
         site = resource.Site()
         site.add_resource(["rd"], RegisterResource(registry, link, lag))
         site.add_resource(["rd"], RegistrationResource(registry, link, lag))  # /rd/<id>
-        context = await udp.serve(site, host, port, name="lwm2m")
-        link.context = context
+        listener = await Listener.open(site, ports, name="lwm2m", credentials=credentials, limits=limits)
+        link.context = listener.context
         lag.start()
-        log.info("LwM2M management server listening", extra={"address": f"coap://{host}:{port}"})
-        return cls(context, lag)
+        for address in ports.addresses():
+            log.info("LwM2M management server listening", extra={"address": address})
+        return cls(listener, lag)
 
     async def close(self) -> None:
         await self.lag.close()
-        await self.context.shutdown()
+        await self.listener.close()

@@ -59,9 +59,36 @@ class ServerDefinition:
         return f"{self.uri_scheme}://{host}:{self.port}"
 
 
-def default_definition(public_host: str, lwm2m_port: int) -> ServerDefinition:
-    """The deployment's own management server, which every device gets unless assigned another."""
-    return ServerDefinition(
-        id=DEFAULT_ID, org_id=None, name="this deployment", address=public_host, port=lwm2m_port,
-        uri_scheme="coap", security_mode=SecurityMode.NOSEC,
-    )
+@dataclass(frozen=True)
+class DeploymentServer:
+    """The deployment's own management server, which every device gets unless assigned another. Its
+    definition follows the transport the device bootstraps over: over DTLS (PSK or certificate) the
+    DTLS port in the same mode, over plain CoAP the plain port in NoSec mode (when NoSec is allowed)."""
+
+    public_host: str
+    lwm2m_port: int
+    #: 0: the management server has no DTLS port.
+    lwm2m_dtls_port: int = 0
+    allow_nosec: bool = True
+
+    def _definition(self, port: int, scheme: str, mode: SecurityMode) -> ServerDefinition:
+        return ServerDefinition(
+            id=DEFAULT_ID, org_id=None, name="this deployment", address=self.public_host, port=port, uri_scheme=scheme,
+            security_mode=mode,
+        )
+
+    @property
+    def listed(self) -> ServerDefinition:
+        """The definition as listed to operators: plain CoAP when allowed, else DTLS with a PSK."""
+        if self.allow_nosec or not self.lwm2m_dtls_port:
+            return self._definition(self.lwm2m_port, "coap", SecurityMode.NOSEC)
+        return self._definition(self.lwm2m_dtls_port, "coaps", SecurityMode.PSK)
+
+    def over(self, transport: SecurityMode) -> ServerDefinition | None:
+        """The definition for a device bootstrapping in ``transport`` mode (NOSEC: plain CoAP), or None
+        when this deployment has none for it."""
+        if transport in (SecurityMode.PSK, SecurityMode.CERTIFICATE) and self.lwm2m_dtls_port:
+            return self._definition(self.lwm2m_dtls_port, "coaps", transport)
+        if self.allow_nosec:
+            return self._definition(self.lwm2m_port, "coap", SecurityMode.NOSEC)
+        return None

@@ -17,18 +17,20 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pilotboat.lwm2m.registration import RegisteredObjects, RegisterQuery, RegistrationError, UpdateQuery
+from pilotboat.model.credential import Purpose
 from pilotboat.model.peer import PeerIdentity
 from pilotboat.registry.hold import Admission, RegistrationHold
 from pilotboat.registry.store import Address, Registration, RegistrationStore
 from pilotboat.security.throttle import RateBudget
 from pilotboat.services import events
 from pilotboat.services.event_log import EventLog
-from pilotboat.store.tables import Device, DirectoryEntry
+from pilotboat.services.device_identity import AuthenticatedDevice, DeviceIdentityService, Door, IdentityRefused
+from pilotboat.store.tables import Device, DeviceCertificate, DirectoryEntry, PskIdentity
 
 log = logging.getLogger("pilotboat.lwm2m.registry")
 
@@ -59,6 +61,27 @@ def _when(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
+def same_credential(one: PeerIdentity | None, other: PeerIdentity | None) -> bool:
+    """Whether two requests came with the same credential: both over plain CoAP, the same PSK identity,
+    or the same client certificate."""
+    if one is None or other is None:
+        return one is other
+    if one.psk_identity is not None or other.psk_identity is not None:
+        return one.psk_identity == other.psk_identity
+    return bool(one.certificate_chain) and one.certificate_chain[:1] == other.certificate_chain[:1]
+
+
+def _holds_management_credentials(now: datetime) -> ColumnElement[bool]:
+    """A column of the device query: whether the device has a management PSK or a valid, unrevoked
+    management certificate (then it registers over DTLS only)."""
+    psk = exists().where(PskIdentity.device_id == Device.id, PskIdentity.purpose == Purpose.MANAGEMENT)
+    certificate = exists().where(
+        DeviceCertificate.device_id == Device.id, DeviceCertificate.purpose == Purpose.MANAGEMENT,
+        DeviceCertificate.revoked_at.is_(None), DeviceCertificate.not_after > now,
+    )
+    return or_(psk, certificate).label("secured")
+
+
 def new_registration_id() -> str:
     """Short, unguessable: without DTLS it is what lets a device update or end its registration."""
     return secrets.token_urlsafe(9)
@@ -71,6 +94,7 @@ class RegistryService:
         store: RegistrationStore,
         event_log: EventLog,
         *,
+        identity: DeviceIdentityService,
         hold: RegistrationHold,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -78,6 +102,7 @@ class RegistryService:
         self._sessions = sessions
         self.store = store
         self._events = event_log
+        self._identity = identity
         self._hold = hold
         self._clock = clock
         self._monotonic = monotonic
@@ -99,24 +124,40 @@ class RegistryService:
         self, query: RegisterQuery, objects: RegisteredObjects, address: Address, peer: PeerIdentity | None
     ) -> Registration:
         """Register ``query.endpoint`` (replacing its previous registration); ``RegistrationError``
-        4.00 for an unknown endpoint, 4.03 for an inactive device, 4.29 while the endpoint is on hold."""
+        4.00 for an unknown endpoint, 4.03 for an inactive device, 4.29 while the endpoint is on hold.
+
+        Over DTLS (``peer`` set) the credential must resolve at the management door to the device named
+        by the endpoint (4.03 otherwise). Over plain CoAP a device holding management credentials is
+        refused (4.03): once it has credentials, nobody may register in its name without them."""
         await self._admit(query.endpoint, None)
+        authenticated = await self._authenticate(query.endpoint, peer, address) if peer is not None else None
         now = self._clock()
+        refusal: RegistrationError | None = None
         async with self._sessions.begin() as session:
             device = (await session.execute(
-                select(Device.id, Device.org_id, Device.state).where(Device.endpoint == query.endpoint)
+                select(Device.id, Device.org_id, Device.state, _holds_management_credentials(datetime.now(UTC)))
+                .where(Device.endpoint == query.endpoint)
             )).one_or_none()
             if device is None or device.state != 1:
                 refusal = self._refuse(query.endpoint, device, address)
+            elif authenticated is not None and authenticated.device_id != device.id:
+                # Recorded for the credential's own device: the endpoint may be another organisation's.
+                refusal = self._refuse_credential(
+                    query.endpoint, (authenticated.org_id, authenticated.device_id), address, "credential of another device",
+                )
+            elif authenticated is None and device.secured:
+                refusal = self._refuse_credential(
+                    query.endpoint, (device.org_id, device.id), address, "device holds DTLS credentials: register over DTLS",
+                )
             else:
                 registration = Registration(
                     registration_id=new_registration_id(), endpoint=query.endpoint, device_id=device.id,
                     org_id=device.org_id, address=address, lifetime=query.lifetime, lwm2m_version=query.lwm2m_version,
                     binding=query.binding, queue_mode=query.queue_mode, sms=query.sms, objects=objects.links,
-                    registered_at=now, updated_at=now,
+                    registered_at=now, updated_at=now, peer=peer,
                 )
                 entry = await self._write_directory(session, registration, objects)
-        if device is None or device.state != 1:
+        if refusal is not None:
             raise refusal
         previous = await self.store.add(registration)
         self.registered += previous is None
@@ -128,18 +169,23 @@ class RegistryService:
             binding=registration.binding, queue_mode=registration.queue_mode, lifetime=registration.lifetime,
             address=address_text(address), objects=list(registration.objects), content_formats=list(objects.content_formats),
             replaced=previous.registration_id if previous is not None else None,
+            security_mode=authenticated.security_mode.name if authenticated is not None else "NOSEC",
+            credential_id=authenticated.credential_id if authenticated is not None else None,
         )
         self._notify(lambda listener: listener.registered(registration, previous))
         return registration
 
     async def update(
-        self, registration_id: str, query: UpdateQuery, objects: RegisteredObjects | None, address: Address
+        self, registration_id: str, query: UpdateQuery, objects: RegisteredObjects | None, address: Address, *,
+        peer: PeerIdentity | None,
     ) -> Registration:
         """Apply an Update; ``RegistrationError`` 4.04 for an unknown registration (the client then
-        registers again), 4.29 while its endpoint is on hold."""
+        registers again), 4.29 while its endpoint is on hold, 4.03/4.04 from another credential
+        (``check_sender``)."""
         current = await self.store.get(registration_id)
         if current is None:
             raise RegistrationError("4.04", "no such registration: register again")
+        self.check_sender(current, peer, address, "update")
         await self._admit(current.endpoint, (current.org_id, current.device_id))
         changes: dict[str, Any] = {"updated_at": self._clock()}
         if query.lifetime is not None and query.lifetime != current.lifetime:
@@ -166,13 +212,38 @@ class RegistryService:
         self._notify(lambda listener: listener.updated(updated))
         return updated
 
-    async def deregister(self, registration_id: str) -> Registration:
-        """End a registration at the device's request; ``RegistrationError`` 4.04 when unknown."""
+    async def deregister(self, registration_id: str, *, peer: PeerIdentity | None, address: Address) -> Registration:
+        """End a registration at the device's request; ``RegistrationError`` 4.04 when unknown, 4.03/4.04
+        from another credential (``check_sender``)."""
+        current = await self.store.get(registration_id)
+        if current is None:
+            raise RegistrationError("4.04", "no such registration")
+        self.check_sender(current, peer, address, "de-register")
         registration = await self.store.remove(registration_id)
         if registration is None:
             raise RegistrationError("4.04", "no such registration")
         await self._end([registration], "deregistered", events.LWM2M_DEREGISTERED)
         return registration
+
+    def check_sender(self, registration: Registration, peer: PeerIdentity | None, address: Address, action: str) -> None:
+        """An Update or De-register must come with the credential of the Register. A registration made
+        over DTLS does not exist for plain CoAP (4.04, as for an unknown id), nor one made over plain CoAP
+        for DTLS (4.04: the device registers again, over DTLS); another DTLS credential gets 4.03. Each
+        refusal is recorded."""
+        if same_credential(registration.peer, peer):
+            return
+        if registration.peer is None or peer is None:
+            code, reason = "4.04", (f"{action} over plain CoAP of a registration made over DTLS" if peer is None
+                                    else f"{action} over DTLS of a registration made over plain CoAP")
+            answer = "no such registration: register again"
+        else:
+            code, reason, answer = "4.03", f"{action} with another credential than the registration's", "forbidden"
+        self._events.emit(
+            events.LWM2M_REFUSED, org_id=registration.org_id, device_id=registration.device_id,
+            actor=self._actor(registration.endpoint), outcome="refused", reason=reason, endpoint=registration.endpoint,
+            registration_id=registration.registration_id, address=address_text(address),
+        )
+        raise RegistrationError(code, answer)
 
     # --- lookups ------------------------------------------------------------------------------------
 
@@ -252,11 +323,7 @@ class RegistryService:
         retry_after = max(1, round(decision.retry_after))
         if decision.admission is Admission.HOLD_STARTED:
             if owner is None:
-                async with self._sessions() as session:
-                    found = (await session.execute(
-                        select(Device.org_id, Device.id).where(Device.endpoint == endpoint)
-                    )).one_or_none()
-                owner = (found.org_id, found.id) if found is not None else None
+                owner = await self._owner(endpoint)
             if owner is not None:
                 self._held_owners[endpoint] = owner
             log.warning("endpoint put on hold", extra={"endpoint": endpoint[:64], "seconds": retry_after})
@@ -287,6 +354,43 @@ class RegistryService:
             outcome="refused", reason="device inactive", endpoint=endpoint, address=address_text(address),
         )
         return RegistrationError("4.03", "device inactive")
+
+    async def _authenticate(self, endpoint: str, peer: PeerIdentity, address: Address) -> AuthenticatedDevice:
+        """The device a DTLS peer's credential belongs to, at the management door; 4.03 (recorded) when
+        it resolves to none, 4.00 when that device has no endpoint name."""
+        try:
+            authenticated = await self._identity.resolve(peer, Door.MANAGEMENT)
+        except IdentityRefused as exc:
+            raise self._refuse_credential(endpoint, await self._owner(endpoint), address, str(exc)) from None
+        if authenticated.endpoint is None:
+            self._events.emit(
+                events.LWM2M_REFUSED, org_id=authenticated.org_id, device_id=authenticated.device_id,
+                actor=self._actor(endpoint), outcome="refused", reason="the credential's device has no endpoint name",
+                endpoint=endpoint[:64], address=address_text(address),
+            )
+            raise RegistrationError("4.00", "the device has no endpoint name")
+        return authenticated
+
+    async def _owner(self, endpoint: str) -> tuple[str, str] | None:
+        """(org id, device id) of the device with LwM2M ``endpoint``."""
+        async with self._sessions() as session:
+            found = (await session.execute(
+                select(Device.org_id, Device.id).where(Device.endpoint == endpoint)
+            )).one_or_none()
+        return (found.org_id, found.id) if found is not None else None
+
+    def _refuse_credential(
+        self, endpoint: str, owner: tuple[str, str] | None, address: Address, reason: str
+    ) -> RegistrationError:
+        """4.03 for a credential that may not register ``endpoint``, recorded for ``owner`` (org id,
+        device id), or for no organisation when there is none (within the unknown-endpoint budget)."""
+        if owner is not None or self._unknown_events.allow():
+            org_id, device_id = owner or (None, None)
+            self._events.emit(
+                events.LWM2M_REFUSED, org_id=org_id, device_id=device_id, actor=self._actor(endpoint), outcome="refused",
+                reason=reason, endpoint=endpoint[:64], address=address_text(address),
+            )
+        return RegistrationError("4.03", "forbidden")
 
     async def _write_directory(
         self, session: AsyncSession, registration: Registration, objects: RegisteredObjects

@@ -15,6 +15,8 @@ import itertools
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
+from pilotboat.model.peer import PeerIdentity
+
 Address = tuple[str, int]
 
 #: Fields an Update may change; the others identify the registration and are fixed at Register.
@@ -40,6 +42,9 @@ class Registration:
     #: Epoch seconds.
     registered_at: float
     updated_at: float
+    #: The credential a DTLS Register authenticated (its Updates and De-register must come with the same
+    #: one); None for a registration over plain CoAP.
+    peer: PeerIdentity | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.registration_id, str) or not self.registration_id:

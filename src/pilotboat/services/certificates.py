@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from pilotboat.model.credential import CredentialState, Purpose, parse_purpose
 from pilotboat.model.principal import Principal
 from pilotboat.model.roles import Permission
 from pilotboat.security import pki
@@ -47,18 +48,68 @@ class CertificateFilter:
 async def revoke_for_device(session: AsyncSession, device_id: str, reason: str = "cessation_of_operation") -> int:
     """Revoke every valid certificate of a device, in the caller's transaction (a deleted device's
     certificates must stay on the CRL). Returns how many were revoked."""
-    ca_ids = set(await session.scalars(
-        select(DeviceCertificate.ca_id).where(DeviceCertificate.device_id == device_id, DeviceCertificate.revoked_at.is_(None))
+    return len(await revoke_where(session, DeviceCertificate.device_id == device_id, reason=reason))
+
+
+async def revoke_where(session: AsyncSession, *conditions: ColumnElement[bool], reason: str) -> list[str]:
+    """Revoke the valid certificates matching ``conditions`` in the caller's transaction, bumping
+    their CAs' CRL numbers. Returns their ids."""
+    found = list(await session.execute(
+        select(DeviceCertificate.id, DeviceCertificate.ca_id).where(DeviceCertificate.revoked_at.is_(None), *conditions)
     ))
-    if not ca_ids:
-        return 0
-    result = await session.execute(
-        update(DeviceCertificate)
-        .where(DeviceCertificate.device_id == device_id, DeviceCertificate.revoked_at.is_(None))
-        .values(revoked_at=utcnow(), revocation_reason=reason)
+    if not found:
+        return []
+    ids = [certificate_id for certificate_id, _ in found]
+    await session.execute(
+        update(DeviceCertificate).where(DeviceCertificate.id.in_(ids)).values(revoked_at=utcnow(), revocation_reason=reason)
+        .execution_options(synchronize_session="fetch")
     )
-    await _bump_crl_numbers(session, ca_ids)
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    await _bump_crl_numbers(session, {ca_id for _, ca_id in found})
+    return ids
+
+
+@dataclass(frozen=True)
+class NewCertificate:
+    """A certificate just signed, its record (added to the session) and the generated key (None for a CSR)."""
+
+    record: DeviceCertificate
+    certificate: x509.Certificate
+    key: pki.PrivateKey | None
+
+
+def new_certificate(
+    session: AsyncSession, sealer: Sealer, ca: pki.CertificateAuthority, ca_row: CertificateAuthority, org: Organisation,
+    device: Device, public_key: pki.PublicKey | None = None, *, purpose: Purpose = Purpose.BOOTSTRAP,
+    state: CredentialState = CredentialState.ACTIVE, keep_key: bool | None = None,
+) -> NewCertificate:
+    """Sign a client certificate for ``device`` with the organisation's CA and add its record to the
+    caller's session. Its CN is the device's endpoint name; a device without one gets
+    ``urn:uuid:<GUID>`` as its endpoint name. The key is generated unless ``public_key`` is given,
+    and kept (sealed) when ``keep_key`` says so (default: the organisation's policy)."""
+    if ca_row.not_after <= utcnow() + timedelta(days=1):
+        raise Unavailable(
+            f"the organisation's CA expires on {ca_row.not_after.isoformat()}; import a new CA "
+            "(POST /api/v1/orgs/{org_id}/cas) before issuing more certificates"
+        )
+    guid = uuid.uuid4()
+    if not device.endpoint:
+        device.endpoint = guid.urn
+    key = pki.new_key() if public_key is None else None
+    certificate = pki.issue_device_certificate(
+        ca, key.public_key() if key else public_key,  # type: ignore[arg-type]
+        device.endpoint, guid, timedelta(days=org.cert_validity_days),
+    )
+    keep = org.keep_device_keys if keep_key is None else keep_key
+    record = DeviceCertificate(
+        id=str(guid), org_id=org.id, device_id=device.id, ca_id=ca_row.id, serial=format(certificate.serial_number, "x"),
+        common_name=device.endpoint, fingerprint=pki.fingerprint(certificate),
+        certificate_pem=pki.certificate_pem(certificate), key_source="server" if key else "csr",
+        key_sealed=sealer.seal(pki.key_pem(key), DEVICE_KEY_PURPOSE) if key and keep else None,
+        not_before=certificate.not_valid_before_utc, not_after=certificate.not_valid_after_utc,
+        purpose=purpose.value, state=state.value,
+    )
+    session.add(record)
+    return NewCertificate(record, certificate, key)
 
 
 async def _bump_crl_numbers(session: AsyncSession, ca_ids: set[str]) -> None:
@@ -74,17 +125,23 @@ class CertificateService:
         self._sealer = sealer
         self._authorities = authorities
 
-    async def issue(self, principal: Principal, org_id: str, device_id: str, csr_pem: str | None = None) -> IssuedCertificate:
-        """Issue a client certificate for a device. Its CN is the device's endpoint name; a device
-        without one gets ``urn:uuid:<GUID>`` as its endpoint name."""
+    async def issue(
+        self, principal: Principal, org_id: str, device_id: str, csr_pem: str | None = None, *,
+        purpose: str = Purpose.BOOTSTRAP,
+    ) -> IssuedCertificate:
+        """Issue a client certificate for a device (see :func:`new_certificate`). A "bootstrap"
+        certificate opens the bootstrap DTLS port, a "management" one the management DTLS port."""
         require(principal, org_id, Permission.WRITE)
+        try:
+            chosen = parse_purpose(purpose)
+        except ValueError as exc:
+            raise InvalidInput(str(exc), field="purpose") from None
         public_key = None
         if csr_pem is not None:
             try:
                 public_key = pki.load_csr(csr_pem)
             except pki.PkiError as exc:
                 raise InvalidInput(str(exc), field="csr") from exc
-        guid = uuid.uuid4()
         async with writing(self._sessions, "the device's endpoint name is already in use") as session:
             # One round trip for the organisation (its policy), the device and the issuing CA.
             found = (await session.execute(
@@ -100,34 +157,16 @@ class CertificateService:
             org, device, ca_row = found
             if ca_row is None:
                 raise Unavailable(NO_CA)
-            if not device.endpoint:
-                device.endpoint = guid.urn
-            if ca_row.not_after <= utcnow() + timedelta(days=1):
-                raise Unavailable(
-                    f"the organisation's CA expires on {ca_row.not_after.isoformat()}; import a new CA "
-                    "(POST /api/v1/orgs/{org_id}/cas) before issuing more certificates"
-                )
-            ca = self._authorities.load(ca_row)
-            key = pki.new_key() if public_key is None else None
-            certificate = pki.issue_device_certificate(
-                ca, key.public_key() if key else public_key,  # type: ignore[arg-type]
-                device.endpoint, guid, timedelta(days=org.cert_validity_days),
+            issued = new_certificate(
+                session, self._sealer, self._authorities.load(ca_row), ca_row, org, device, public_key, purpose=chosen,
             )
-            key_pem = pki.key_pem(key) if key else None
-            record = DeviceCertificate(
-                id=str(guid), org_id=org_id, device_id=device.id, ca_id=ca_row.id, serial=format(certificate.serial_number, "x"),
-                common_name=device.endpoint, fingerprint=pki.fingerprint(certificate),
-                certificate_pem=pki.certificate_pem(certificate), key_source="server" if key else "csr",
-                key_sealed=self._sealer.seal(key_pem, DEVICE_KEY_PURPOSE) if key_pem and org.keep_device_keys else None,
-                not_before=certificate.not_valid_before_utc, not_after=certificate.not_valid_after_utc,
-            )
-            session.add(record)
+            record = issued.record
             events.record(
                 session, "certificate.issued", org_id=org_id, device_id=device.id, actor=principal.email,
                 certificate_id=record.id, key_source=record.key_source, not_after=record.not_after.isoformat(),
-                key_kept=record.key_sealed is not None,
+                key_kept=record.key_sealed is not None, purpose=record.purpose,
             )
-        return IssuedCertificate(record, chain_pem(ca_row), key_pem)
+        return IssuedCertificate(record, chain_pem(ca_row), pki.key_pem(issued.key) if issued.key else None)
 
     async def list(self, principal: Principal, org_id: str, flt: CertificateFilter) -> tuple[int, list[DeviceCertificate]]:
         require(principal, org_id, Permission.READ)

@@ -9,6 +9,7 @@ from pilotboat.registry.service import RegistryService
 from pilotboat.services.accounts import AccountService
 from pilotboat.services.authorities import AuthorityService
 from pilotboat.services.certificates import CertificateService
+from pilotboat.services.device_identity import DeviceIdentityService
 from pilotboat.services.device_operations import DeviceOperationService
 from pilotboat.services.devices import DeviceService
 from pilotboat.services.directory import DirectoryService
@@ -35,6 +36,7 @@ class Services:
     certificates: CertificateService
     psks: PskService
     trust: TrustService
+    device_identity: DeviceIdentityService
     keyring: KeyringService
     management_servers: ManagementServerService
     event_log: EventLog

@@ -19,8 +19,9 @@ from pilotboat.services.authorities import CA_KEY_PURPOSE, CA_ROOT_KEY_PURPOSE
 from pilotboat.services.certificates import DEVICE_KEY_PURPOSE
 from pilotboat.services.devices import CLIENT_KEY_PURPOSE, SECRET_PURPOSE
 from pilotboat.services.psks import PSK_KEY_PURPOSE
+from pilotboat.services.server_key import SERVER_KEY_PURPOSE
 from pilotboat.services.webhooks import SECRET_PURPOSE as WEBHOOK_SECRET_PURPOSE
-from pilotboat.store.tables import CertificateAuthority, Device, DeviceCertificate, PskIdentity, Webhook
+from pilotboat.store.tables import CertificateAuthority, Device, DeviceCertificate, DtlsServerKey, PskIdentity, Webhook
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ SEALED_COLUMNS: tuple[SealedColumn, ...] = (
     SealedColumn(DeviceCertificate.key_sealed, DeviceCertificate.id, DEVICE_KEY_PURPOSE),
     SealedColumn(PskIdentity.key_sealed, PskIdentity.id, PSK_KEY_PURPOSE),  # type: ignore[arg-type]
     SealedColumn(Webhook.secret_sealed, Webhook.id, WEBHOOK_SECRET_PURPOSE),  # type: ignore[arg-type]
+    SealedColumn(DtlsServerKey.key_sealed, DtlsServerKey.id, SERVER_KEY_PURPOSE),  # type: ignore[arg-type]
 )
 
 

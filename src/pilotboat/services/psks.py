@@ -9,9 +9,10 @@ import os
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from pilotboat.model.credential import CredentialState, Purpose, parse_purpose
 from pilotboat.model.principal import Principal
 from pilotboat.model.roles import Permission
 from pilotboat.security.sealing import Sealer
@@ -51,6 +52,29 @@ class PskMatch:
     org_id: str
     device_id: str
     psk_id: str
+    purpose: str
+    state: str
+
+    def __repr__(self) -> str:  # keeps the key out of logs and tracebacks
+        return f"PskMatch({self.identity!r}, psk_id={self.psk_id!r}, purpose={self.purpose!r}, state={self.state!r})"
+
+
+async def issue_management_psk(session: AsyncSession, sealer: Sealer, device: Device) -> CreatedPsk:
+    """A new management PSK (state "issued") for a device being bootstrapped, in the caller's
+    transaction; the device's older issued, never used management PSKs are deleted, so that failed
+    bootstraps leave at most one behind."""
+    await session.execute(delete(PskIdentity).where(
+        PskIdentity.device_id == device.id, PskIdentity.purpose == Purpose.MANAGEMENT,
+        PskIdentity.state == CredentialState.ISSUED,
+    ))
+    key = os.urandom(DEFAULT_KEY_BYTES)
+    record = PskIdentity(
+        identity=new_identity(), org_id=device.org_id, device_id=device.id, key_sealed=sealer.seal(key, PSK_KEY_PURPOSE),
+        key_length=len(key), source="generated", purpose=Purpose.MANAGEMENT.value, state=CredentialState.ISSUED.value,
+    )
+    session.add(record)
+    await session.flush()
+    return CreatedPsk(record, key)
 
 
 class PskService:
@@ -61,9 +85,15 @@ class PskService:
     async def create(
         self, principal: Principal, org_id: str, device_id: str, *,
         identity: str | None = None, key: bytes | None = None, key_length: int = DEFAULT_KEY_BYTES,
+        purpose: str = Purpose.BOOTSTRAP,
     ) -> CreatedPsk:
-        """Generate a PSK for a device, or import one (``identity`` and ``key`` both given)."""
+        """Generate a PSK for a device, or import one (``identity`` and ``key`` both given). A
+        "bootstrap" PSK opens the bootstrap DTLS port, a "management" one the management DTLS port."""
         require(principal, org_id, Permission.WRITE)
+        try:
+            chosen = parse_purpose(purpose)
+        except ValueError as exc:
+            raise InvalidInput(str(exc), field="purpose") from None
         if (identity is None) != (key is None):
             raise InvalidInput("to import a PSK give both identity and key; to generate one give neither",
                                field="key" if key is None else "identity")
@@ -83,7 +113,8 @@ class PskService:
             raise InvalidInput(f"key must be {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes", field="key")
         record = PskIdentity(
             identity=identity, org_id=org_id, device_id=device_id, key_sealed=self._sealer.seal(key, PSK_KEY_PURPOSE),
-            key_length=len(key), source="imported" if imported else "generated",
+            key_length=len(key), source="imported" if imported else "generated", purpose=chosen.value,
+            state=CredentialState.ACTIVE.value,
         )
         async with writing(self._sessions, "this PSK identity is already in use") as session:
             await require_org(session, org_id)
@@ -96,7 +127,7 @@ class PskService:
             await session.flush()
             events.record(
                 session, "psk.created", org_id=org_id, device_id=device_id, actor=principal.email,
-                psk_id=record.id, identity=identity, source=record.source,
+                psk_id=record.id, identity=identity, source=record.source, purpose=record.purpose,
             )
         return CreatedPsk(record, key)
 
@@ -140,13 +171,17 @@ class PskService:
 
     # --- for the DTLS server (no caller: the identity comes from a handshake) -----------------
 
-    async def lookup(self, identity: str) -> PskMatch | None:
+    async def lookup(self, identity: str, *, purpose: Purpose | None = None) -> PskMatch | None:
+        """The PSK with ``identity`` (of ``purpose`` when given), its key unsealed; None when there is none."""
+        query = select(PskIdentity).where(PskIdentity.identity == identity)
+        if purpose is not None:
+            query = query.where(PskIdentity.purpose == purpose)
         async with self._sessions() as session:
-            record = await session.scalar(select(PskIdentity).where(PskIdentity.identity == identity))
+            record = await session.scalar(query)
         if record is None:
             return None
         key = self._sealer.open_bytes(record.key_sealed, PSK_KEY_PURPOSE)
-        return PskMatch(record.identity, key, record.org_id, record.device_id, record.id)
+        return PskMatch(record.identity, key, record.org_id, record.device_id, record.id, record.purpose, record.state)
 
     async def _load(self, session: AsyncSession, org_id: str, where: object) -> PskIdentity:
         await require_org(session, org_id)

@@ -27,7 +27,18 @@ from pilotboat.lwm2m.model import ROOT, CodecError, Path, Value
 from pilotboat.model.management_server import DEFAULT_BINDING, DEFAULT_LIFETIME
 from pilotboat.sim import registration
 from pilotboat.sim.attributes import AttributeStore
-from pilotboat.sim.exchange import Address, Endpoint, ExchangeError, PeerReset, Timing, local_host_for, resolve
+from pilotboat.dtls.client import ClientCredentials
+from pilotboat.sim.exchange import (
+    Address,
+    Endpoint,
+    ExchangeError,
+    HandshakeError,
+    PeerReset,
+    Timing,
+    is_secure,
+    local_host_for,
+    resolve,
+)
 from pilotboat.sim.handlers import ServerRequests
 from pilotboat.sim.objects import (
     DEVICE_REBOOT,
@@ -52,8 +63,10 @@ from pilotboat.sim.objects import (
 from pilotboat.sim.observe import Observation, Observations
 from pilotboat.sim.registration import Announced
 from pilotboat.sim.results import BootstrapResult, Failure, ReceivedRequest, RegistrationResult
+from pilotboat.sim.security import credentials_from_security
 
-__all__ = ["BootstrapResult", "Failure", "ReceivedRequest", "RegistrationResult", "SimulatedDevice"]
+__all__ = ["BootstrapResult", "Failure", "OnboardingFailed", "ReceivedRequest", "RegistrationResult",
+           "SimulatedDevice", "onboard"]
 
 #: Formats a device may name in ``pct`` (and ask Bootstrap-Pack in).
 PREFERRED_FORMATS = frozenset({content.SENML_JSON, content.SENML_CBOR, content.TLV})
@@ -90,6 +103,13 @@ class SimulatedDevice:
     and a factory management-server account (``/0/x`` and ``/1/0``: ``server_uri``, ``short_server_id``,
     ``lifetime``, ``binding``) when given ``server_uri``; it needs at least one of them.
 
+    A ``coaps://`` server is reached over DTLS: the bootstrap server with the factory credentials
+    ``bootstrap_credentials`` (a PSK, or a certificate with its key and the server's trust anchor), a
+    factory management account with ``server_credentials``; both are written into the Security object
+    as a real device holds them. A management server a bootstrap assigned is reached with what the
+    bootstrap server wrote there (Security Mode, identity, Server Public Key, Secret Key). Every
+    Register opens a fresh DTLS session; Updates, the server's requests and notifications use it.
+
     ``content_format`` is the ``pct`` the device sends (SenML-JSON 110, SenML-CBOR 112 or TLV 11542;
     LwM2M 1.0 devices send none) and the ``ct`` it registers with. ``queue_mode`` registers in queue mode
     (so does a binding with ``Q``). ``temperature_sensors`` Temperature instances (/3303/x) change their
@@ -125,11 +145,19 @@ class SimulatedDevice:
         on_bootstrap_trigger: Callable[[], None] | None = None,
         on_request: Callable[[ReceivedRequest], None] | None = None,
         on_registration: Callable[[RegistrationResult], None] | None = None,
+        bootstrap_credentials: ClientCredentials | None = None,
+        server_credentials: ClientCredentials | None = None,
     ) -> None:
         if not endpoint:
             raise ValueError("the endpoint name must not be empty")
         if bootstrap_uri is None and server_uri is None:
             raise ValueError("a device needs a bootstrap server or a management server (server_uri)")
+        for uri, credentials, what in ((bootstrap_uri, bootstrap_credentials, "bootstrap"),
+                                       (server_uri, server_credentials, "server")):
+            if uri is not None and is_secure(uri) and credentials is None:
+                raise ValueError(f"the coaps:// {what} server needs {what}_credentials")
+            if credentials is not None and (uri is None or not is_secure(uri)):
+                raise ValueError(f"{what}_credentials need a coaps:// {what} URI")
         if content_format is not None:
             if lwm2m_version == "1.0":
                 raise ValueError("LwM2M 1.0 devices send no preferred content format")
@@ -143,6 +171,8 @@ class SimulatedDevice:
             raise ValueError("sensor_interval must be positive (or None)")
         self.endpoint = endpoint
         self.bootstrap_uri = bootstrap_uri
+        #: The factory credentials for the bootstrap server (None: plain CoAP).
+        self.bootstrap_credentials = bootstrap_credentials
         self.lwm2m_version = lwm2m_version
         self.content_format = content_format
         self.bootstrap_instance = bootstrap_instance
@@ -159,7 +189,8 @@ class SimulatedDevice:
         account = ServerAccount(server_uri, short_server_id, lifetime, binding) if server_uri is not None else None
         readings = [round(20.0 + self._random.uniform(-2, 2), 1) for _ in range(temperature_sensors)]
         self._store = ObjectStore.initial(endpoint, bootstrap_uri, bootstrap_instance, device_info, server=account,
-                                          temperatures=readings)
+                                          temperatures=readings, bootstrap_credentials=bootstrap_credentials,
+                                          server_credentials=server_credentials)
         self._attributes = AttributeStore()
         self._requests = ServerRequests(self._store, lwm2m_version=lwm2m_version, on_finish=self._finished,
                                         on_execute=self._executed, attributes=self._attributes,
@@ -375,9 +406,13 @@ class SimulatedDevice:
         self._finish = loop.create_future()
         self._finished_at = None
         started = time.monotonic()
-        accepted = False
+        accepted = handshaking = False
         try:
             async with asyncio.timeout(timeout):
+                if self.bootstrap_credentials is not None:
+                    handshaking = True
+                    await self._endpoint.connect(self._bootstrap_server, self.bootstrap_credentials)
+                    handshaking = False
                 response = await self._endpoint.request(message, self._bootstrap_server)
                 while response.code == Code.SERVICE_UNAVAILABLE:
                     # The server is busy: ask again after its Max-Age, as LwM2M clients do.
@@ -392,9 +427,13 @@ class SimulatedDevice:
                 problem = await then(response)
         except PeerReset:
             return failed(Failure.RESET, "the server answered with a CoAP Reset")
+        except HandshakeError as exc:
+            return failed(Failure.HANDSHAKE, f"{self.bootstrap_uri}: {exc}")
         except ExchangeError as exc:  # before TimeoutError: ExchangeTimeout is one too
             return failed(Failure.NO_RESPONSE, f"{self.bootstrap_uri}: {exc}")
         except TimeoutError:
+            if handshaking:
+                return failed(Failure.HANDSHAKE, f"no DTLS session with {self.bootstrap_uri} within {timeout:g} s")
             if accepted:
                 return failed(Failure.TIMEOUT, f"no successful Bootstrap-Finish within {timeout:g} s")
             return failed(Failure.NO_RESPONSE, f"{self.bootstrap_uri} did not answer within {timeout:g} s")
@@ -507,6 +546,14 @@ class SimulatedDevice:
         except (OSError, ValueError) as exc:
             return self._record(RegistrationResult(self.endpoint, "register", False, Failure.SOCKET,
                                                    detail=f"cannot reach {account.uri}: {exc}"))
+        if is_secure(account.uri):
+            started = time.monotonic()
+            problem = await self._open_session(account, timeout)
+            if problem is not None:
+                return self._record(RegistrationResult(self.endpoint, "register", False, Failure.HANDSHAKE,
+                                                       detail=f"{account.uri}: {problem}", at=time.monotonic()))
+            if timeout is not None:
+                timeout = max(timeout - (time.monotonic() - started), 0.001)
         announced = self._announce(account)
         message = registration.register_message(self.endpoint, announced, lwm2m_version=self.lwm2m_version)
         result, response = await self._exchange("register", message, Code.CREATED, timeout, record=False)
@@ -585,6 +632,20 @@ class SimulatedDevice:
         if self.location is not None:
             await self._update(None)
 
+    async def _open_session(self, account: AssignedServer, timeout: float | None) -> str | None:
+        """A new DTLS session with the management server, with the credentials of its Security
+        instance; None when established, else why not."""
+        assert self._endpoint is not None and self._management_server is not None
+        try:
+            credentials = credentials_from_security(account.security_mode, account.identity,
+                                                    account.server_public_key, account.secret_key)
+            await self._endpoint.connect(self._management_server, credentials, timeout)
+        except (ValueError, HandshakeError) as exc:
+            return str(exc)
+        except TimeoutError:
+            return f"no DTLS session within {timeout:g} s"
+        return None
+
     async def _connect(self, uri: str) -> None:
         """Resolve the management server, on a socket that can reach it."""
         family, address = await resolve(uri)
@@ -616,6 +677,8 @@ class SimulatedDevice:
                     response = await endpoint.request(message, server)
             except PeerReset:
                 result = outcome(ok=False, failure=Failure.RESET, detail="the server answered with a CoAP Reset")
+            except HandshakeError as exc:
+                result = outcome(ok=False, failure=Failure.HANDSHAKE, detail=str(exc))
             except ExchangeError as exc:
                 result = outcome(ok=False, failure=Failure.NO_RESPONSE, detail=str(exc))
             except TimeoutError:
@@ -673,7 +736,8 @@ class SimulatedDevice:
 
         def received(code: str | None) -> None:
             entry = ReceivedRequest(_method(request.code), path, _int_option(request.opt.content_format),
-                                    _int_option(request.opt.accept), code, observe, tuple(request.opt.uri_query))
+                                    _int_option(request.opt.accept), code, observe, tuple(request.opt.uri_query),
+                                    secure=self._endpoint is not None and self._endpoint.secure(peer))
             self.received.append(entry)
             if self._on_request is not None:
                 self._on_request(entry)
@@ -790,3 +854,32 @@ class SimulatedDevice:
 
 class _BadPack(Exception):
     pass
+
+
+class OnboardingFailed(Exception):
+    """A device's bootstrap or first Register failed; ``result`` says how."""
+
+    def __init__(self, result: BootstrapResult | RegistrationResult) -> None:
+        super().__init__(f"{result.endpoint}: {result.reason}" + (f": {result.detail}" if result.detail else ""))
+        self.result = result
+
+
+async def onboard(endpoint: str, bootstrap_uri: str, credentials: ClientCredentials | None = None, *,
+                  timeout: float = 30.0, keep_updating: bool = True, **options: Any) -> SimulatedDevice:
+    """A device that bootstrapped with ``bootstrap_uri`` (over DTLS with the factory ``credentials`` for
+    ``coaps://``) and registered with the management server the bootstrap gave it (over DTLS with the
+    credentials written then, for ``coaps://``). Returns once registered; the caller closes the device
+    (``await device.close()``). ``OnboardingFailed`` when the bootstrap or the Register failed (the
+    device is closed then). ``options`` are ``SimulatedDevice``'s."""
+    device = SimulatedDevice(endpoint, bootstrap_uri, bootstrap_credentials=credentials, **options)
+    try:
+        bootstrapped = await device.bootstrap(timeout)
+        if not bootstrapped.ok:
+            raise OnboardingFailed(bootstrapped)
+        registered = await device.register(timeout, keep_updating=keep_updating)
+        if not registered.ok:
+            raise OnboardingFailed(registered)
+    except BaseException:
+        await device.close()
+        raise
+    return device

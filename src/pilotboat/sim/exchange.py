@@ -2,10 +2,14 @@
 
 aiocoap's ``Message`` gives the wire format; this module adds only what a constrained device does:
 confirmable requests with RFC 7252 retransmission, piggybacked and separate responses, Block1 (RFC 7959)
-for request payloads larger than one block, Observe notifications (RFC 7641, confirmable or not), and
-answers to the requests a server sends it (piggybacked in the ACK, de-duplicated by message id). A
-``deaf`` endpoint ignores every datagram, as a queue-mode device whose radio is off. It uses timer
-callbacks rather than a task per message, so thousands of endpoints stay cheap.
+for request payloads larger than one block (sent, and received from servers), Observe notifications
+(RFC 7641, confirmable or not), and answers to the requests a server sends it (piggybacked in the ACK,
+de-duplicated by message id). A ``deaf`` endpoint ignores every datagram, as a queue-mode device whose
+radio is off. It uses timer callbacks rather than a task per message, so thousands of endpoints stay cheap.
+
+``coaps://`` peers get a DTLS session (``Endpoint.connect``) between the socket and this layer: from then
+on every message to and from that peer travels through it, and nothing goes to it in plaintext. Plain
+peers cost one look-up in an empty mapping.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import random
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -24,6 +28,8 @@ import aiocoap
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
 from aiocoap.optiontypes import BlockOption
+
+from pilotboat.dtls.client import ClientConnection, ClientCredentials, ConnectionClosed, HandshakeFailed
 
 Address = tuple[str, int]
 #: Answers a request from a peer: the response (its code, options and payload; the message layer sets
@@ -36,9 +42,17 @@ ResetHandler = Callable[[Address, bytes], None]
 DEDUP_ENTRIES = 256
 TOKEN_BYTES = 4
 COAP_PORT = 5683
+COAPS_PORT = 5684
+SCHEMES = {"coap": COAP_PORT, "coaps": COAPS_PORT}
+#: Datagrams of DTLS flights and records are at most this large.
+DTLS_MTU = 1200
 #: Non-confirmable notifications remembered (message id -> token) so that a Reset to one can cancel.
 NON_ENTRIES = 64
 BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+#: The largest request payload a server may send in Block1 blocks, and how many such requests are
+#: received at once.
+MAX_BLOCKWISE_PAYLOAD = 65_536
+BLOCKWISE_ENTRIES = 8
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,10 @@ class Timing:
     awake: float = 93.0
     #: Seconds before a failed registration is tried again; doubled after each failure, up to 32 times.
     register_retry: float = 30.0
+    #: DTLS handshakes: the first retransmission timeout, doubled until it would exceed the maximum,
+    #: when the handshake fails.
+    dtls_timeout_min: float = 1.0
+    dtls_timeout_max: float = 16.0
 
     def __post_init__(self) -> None:
         if self.ack_timeout <= 0 or self.ack_random_factor < 1 or self.max_retransmit < 0 or self.max_latency < 0:
@@ -66,6 +84,8 @@ class Timing:
             raise ValueError(f"timing: block_size is one of {', '.join(map(str, BLOCK_SIZES))}")
         if self.update_margin < 0 or self.awake < 0 or self.register_retry <= 0:
             raise ValueError("timing: update_margin and awake >= 0, register_retry > 0")
+        if not 0 < self.dtls_timeout_min <= self.dtls_timeout_max:
+            raise ValueError("timing: 0 < dtls_timeout_min <= dtls_timeout_max")
 
     @property
     def exchange_lifetime(self) -> float:
@@ -86,13 +106,17 @@ class PeerReset(ExchangeError):
     """The peer answered the request with a Reset."""
 
 
+class HandshakeError(ExchangeError):
+    """No DTLS session with the peer: the handshake failed, or the session ended."""
+
+
 def coap_address(uri: str) -> tuple[str, int]:
-    """Host and port of a ``coap://`` URI (the simulator speaks plain CoAP only)."""
+    """Host and port of a ``coap://`` or ``coaps://`` URI."""
     parts = urlsplit(uri)
-    if parts.scheme != "coap":
-        raise ValueError(f"{uri!r}: only coap:// URIs are supported (no DTLS in the simulator)")
+    if parts.scheme not in SCHEMES:
+        raise ValueError(f"{uri!r}: only coap:// and coaps:// URIs are supported")
     try:
-        port = parts.port or COAP_PORT
+        port = parts.port or SCHEMES[parts.scheme]
     except ValueError as exc:
         raise ValueError(f"{uri!r}: {exc}") from None
     if not parts.hostname:
@@ -100,8 +124,13 @@ def coap_address(uri: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
+def is_secure(uri: str) -> bool:
+    """Whether a URI names a CoAP-over-DTLS peer (``coaps://``)."""
+    return urlsplit(uri).scheme == "coaps"
+
+
 async def resolve(uri: str) -> tuple[socket.AddressFamily, Address]:
-    """The address family and ``(host, port)`` of a ``coap://`` URI's first address."""
+    """The address family and ``(host, port)`` of a ``coap://`` or ``coaps://`` URI's first address."""
     host, port = coap_address(uri)
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     if not infos:
@@ -135,6 +164,18 @@ class _Outgoing:
         self.notification = notification
 
 
+class _Session:
+    """A DTLS session with one peer; ``ended`` once it failed or closed (the peer then gets nothing)."""
+
+    __slots__ = ("connection", "ready", "timer", "ended")
+
+    def __init__(self, connection: ClientConnection, ready: asyncio.Future[None]) -> None:
+        self.connection = connection
+        self.ready = ready
+        self.timer: asyncio.TimerHandle | None = None
+        self.ended: Exception | None = None
+
+
 class Endpoint(asyncio.DatagramProtocol):
     """One UDP socket that sends requests to peers and answers the requests peers send it."""
 
@@ -157,6 +198,10 @@ class Endpoint(asyncio.DatagramProtocol):
         self.ignored = 0
         #: Called when a peer resets a non-confirmable notification.
         self.on_reset: ResetHandler | None = None
+        #: Block1 requests being received: (peer, method, path) -> the payload so far.
+        self._blocks: OrderedDict[tuple[Address, Code, tuple[str, ...]], bytes] = OrderedDict()
+        #: DTLS sessions by peer: a peer in here is never sent plaintext.
+        self._sessions: dict[Address, _Session] = {}
 
     @classmethod
     async def open(cls, local: Address, handler: RequestHandler, timing: Timing | None = None) -> Endpoint:
@@ -187,6 +232,15 @@ class Endpoint(asyncio.DatagramProtocol):
             self.ignored += 1
             return
         peer: Address = (addr[0], addr[1])
+        if self._sessions:
+            session = self._sessions.get(peer)
+            if session is not None:
+                self._secure_received(session, data, peer)
+                return
+        self._dispatch(data, peer)
+
+    def _dispatch(self, data: bytes, peer: Address) -> None:
+        """One CoAP message from ``peer`` (a datagram, or what a DTLS record carried)."""
         try:
             message = aiocoap.Message.decode(data)
         except Exception:  # any malformed datagram (aiocoap raises several kinds) is dropped
@@ -202,11 +256,99 @@ class Endpoint(asyncio.DatagramProtocol):
             self._send(self._reset(message.mid), peer)  # an empty CON ("CoAP ping") is answered with Reset
         # A NON empty message or a signalling code: ignored.
 
+    # --- DTLS sessions ------------------------------------------------------------------------------
+
+    async def connect(self, peer: Address, credentials: ClientCredentials, timeout: float | None = None) -> None:
+        """Open a DTLS session with ``peer`` (replacing an earlier one, which is closed first). From now
+        on everything to and from ``peer`` goes through a session; until one is established, what is
+        sent to it is dropped. ``HandshakeError`` when the handshake fails (bad credentials, a server
+        certificate the trust anchors do not vouch for, no answer), ``TimeoutError`` after ``timeout``."""
+        self.disconnect(peer)
+        try:
+            connection = ClientConnection(credentials, mtu=DTLS_MTU, handshake_timeout_min=self.timing.dtls_timeout_min,
+                                          handshake_timeout_max=self.timing.dtls_timeout_max)
+        except ValueError as exc:
+            raise HandshakeError(str(exc)) from None
+        session = _Session(connection, self._loop.create_future())
+        self._sessions[peer] = session
+        self._send_datagrams(connection.start(), peer)
+        self._arm_handshake_timer(session, peer)
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(session.ready)
+        except BaseException as exc:
+            if not session.ready.done():
+                self._end_session(session, peer, HandshakeError("the handshake was abandoned"))
+            if isinstance(exc, (HandshakeFailed, ConnectionClosed)):
+                raise HandshakeError(f"DTLS handshake failed: {exc}") from None
+            raise
+
+    def secure(self, peer: Address) -> bool:
+        """Whether ``peer`` has an established DTLS session."""
+        session = self._sessions.get(peer)
+        return session is not None and session.ended is None and session.connection.established
+
+    def disconnect(self, peer: Address) -> None:
+        """Close the DTLS session with ``peer`` (close_notify when established); the peer stays one that
+        gets no plaintext until ``connect`` opens a new session."""
+        session = self._sessions.get(peer)
+        if session is None or session.ended is not None:
+            return
+        if session.connection.established:
+            self._send_datagrams(session.connection.close(), peer)
+        self._end_session(session, peer, HandshakeError("the DTLS session was closed"))
+
+    def _arm_handshake_timer(self, session: _Session, peer: Address) -> None:
+        interval = min(0.25, self.timing.dtls_timeout_min / 4)
+        session.timer = self._loop.call_later(interval, self._handshake_timer, session, peer)
+
+    def _handshake_timer(self, session: _Session, peer: Address) -> None:
+        if session.ended is not None or session.connection.established:
+            return
+        try:
+            progress = session.connection.on_timer()
+        except HandshakeFailed as exc:
+            self._end_session(session, peer, exc)
+            return
+        self._send_datagrams(progress.datagrams, peer)
+        self._arm_handshake_timer(session, peer)
+
+    def _secure_received(self, session: _Session, data: bytes, peer: Address) -> None:
+        if session.ended is not None:
+            return
+        try:
+            progress = session.connection.feed(data)
+        except (HandshakeFailed, ConnectionClosed) as exc:
+            self._end_session(session, peer, exc)
+            return
+        self._send_datagrams(progress.datagrams, peer)
+        if progress.established and not session.ready.done():
+            session.ready.set_result(None)
+        for plaintext in progress.application_data:
+            self._dispatch(plaintext, peer)
+
+    def _end_session(self, session: _Session, peer: Address, reason: Exception) -> None:
+        """The session is over: the handshake waiting on it fails, and so do the exchanges with ``peer``."""
+        session.ended = reason
+        if session.timer is not None:
+            session.timer.cancel()
+        if not session.ready.done():
+            session.ready.set_exception(reason)
+            session.ready.exception()  # retrieved: nobody may be waiting any more
+        if session.connection.established:
+            error = HandshakeError(f"the DTLS session ended: {reason}")
+            for outgoing in {*self._by_token.values(), *self._by_mid.values()}:
+                if outgoing.remote == peer and not outgoing.future.done():
+                    outgoing.future.set_exception(error)
+
     # --- sending requests ---------------------------------------------------------------------------
 
     async def request(self, message: aiocoap.Message, remote: Address) -> aiocoap.Message:
         """Send ``message`` as a confirmable request to ``remote`` and return its response; a payload
-        larger than ``timing.block_size`` goes block by block (Block1) and the final response is returned."""
+        larger than ``timing.block_size`` goes block by block (Block1) and the final response is returned.
+        ``HandshakeError`` at once when ``remote`` is a DTLS peer without an established session."""
+        if self._sessions and remote in self._sessions and not self.secure(remote):
+            raise HandshakeError("no DTLS session with the server")
         if len(message.payload) > self.timing.block_size:
             return await self._request_blockwise(message, remote)
         return await self._exchange(message, remote)
@@ -347,7 +489,8 @@ class Endpoint(asyncio.DatagramProtocol):
     def _on_request(self, message: aiocoap.Message, peer: Address) -> None:
         if self._answer_duplicate(message, peer):
             return
-        response = self._handler(message, peer)
+        block1 = message.opt.block1
+        response = self._handler(message, peer) if block1 is None else self._on_block(message, block1, peer)
         if response is None:
             self._remember(peer, message.mid, None)  # retransmissions stay unanswered too
             return
@@ -359,6 +502,33 @@ class Endpoint(asyncio.DatagramProtocol):
         data = response.encode()
         self._remember(peer, message.mid, data)
         self._send(data, peer)
+
+    def _on_block(self, message: aiocoap.Message, block1: BlockOption.BlockwiseTuple, peer: Address
+                  ) -> aiocoap.Message | None:
+        """RFC 7959 Block1 from a server (a write larger than one block): the blocks are collected in
+        order per peer, method and path, 2.31 asks for the next one, and the whole request goes to the
+        handler with the last block; its answer carries the last Block1 option."""
+        key = (peer, message.code, tuple(message.opt.uri_path))
+        received = self._blocks.pop(key, b"") if block1.block_number else b""
+        if block1.start != len(received):
+            return aiocoap.Message(code=Code.REQUEST_ENTITY_INCOMPLETE)
+        received += bytes(message.payload)
+        if len(received) > MAX_BLOCKWISE_PAYLOAD:
+            return aiocoap.Message(code=Code.REQUEST_ENTITY_TOO_LARGE)
+        echo = BlockOption.BlockwiseTuple(block1.block_number, block1.more, block1.size_exponent)
+        if block1.more:
+            self._blocks[key] = received
+            while len(self._blocks) > BLOCKWISE_ENTRIES:
+                self._blocks.pop(next(iter(self._blocks)))
+            answer = aiocoap.Message(code=Code.CONTINUE)
+            answer.opt.block1 = echo
+            return answer
+        whole = message.copy(payload=received)
+        whole.opt.block1 = None
+        response = self._handler(whole, peer)
+        if response is not None:
+            response.opt.block1 = echo
+        return response
 
     def _answer_duplicate(self, message: aiocoap.Message, peer: Address) -> bool:
         """True (and the earlier answer sent again) when ``message`` repeats one already handled."""
@@ -392,8 +562,23 @@ class Endpoint(asyncio.DatagramProtocol):
         return self._empty(Type.RST, mid)
 
     def _send(self, data: bytes, peer: Address) -> None:
+        """Send one CoAP message: through the peer's DTLS session when it has one (dropped while that is
+        not established), else as a datagram."""
+        if self._sessions:
+            session = self._sessions.get(peer)
+            if session is not None:
+                if session.ended is None and session.connection.established:
+                    try:
+                        self._send_datagrams(session.connection.encrypt(data), peer)
+                    except ConnectionClosed as exc:
+                        self._end_session(session, peer, exc)
+                return
+        self._send_datagrams((data,), peer)
+
+    def _send_datagrams(self, datagrams: Iterable[bytes], peer: Address) -> None:
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.sendto(data, peer)
+            for datagram in datagrams:
+                self._transport.sendto(datagram, peer)
 
     def _fail_all(self, error: ExchangeError) -> None:
         for outgoing in {*self._by_token.values(), *self._by_mid.values()}:
@@ -402,7 +587,9 @@ class Endpoint(asyncio.DatagramProtocol):
             self._forget(outgoing)
 
     def close(self) -> None:
-        """Close the socket; requests in flight fail with ``ExchangeError``."""
+        """Close the DTLS sessions (close_notify) and the socket; requests in flight fail with ``ExchangeError``."""
+        for peer in list(self._sessions):
+            self.disconnect(peer)
         self._fail_all(ExchangeError("the endpoint was closed"))
         if self._transport is not None:
             self._transport.close()

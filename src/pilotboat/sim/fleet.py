@@ -10,12 +10,13 @@ import math
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from pilotboat.dtls.client import ClientCredentials
 from pilotboat.model.management_server import DEFAULT_BINDING, DEFAULT_LIFETIME
 from pilotboat.sim.device import SimulatedDevice
-from pilotboat.sim.exchange import Timing, coap_address
+from pilotboat.sim.exchange import Timing, coap_address, is_secure
 from pilotboat.sim.results import BootstrapResult, Failure, RegistrationResult
 
 #: What one device's exchange came to: a bootstrap, or a Register/Update/De-register.
@@ -46,6 +47,19 @@ def endpoint_names(prefix: str, count: int, start: int = 0) -> list[str]:
         raise ValueError("count and start must not be negative")
     width = len(str(max(start + count - 1, 0)))
     return [f"{prefix}{index:0{width}d}" for index in range(start, start + count)]
+
+
+def check_credentials(server_uri: str, endpoints: Sequence[str],
+                      credentials: Mapping[str, ClientCredentials] | None) -> None:
+    """A ``coaps://`` fleet needs credentials for every endpoint (``ValueError`` naming the first
+    without); a ``coap://`` fleet takes none."""
+    if not is_secure(server_uri):
+        if credentials:
+            raise ValueError("credentials need a coaps:// server")
+        return
+    missing = [endpoint for endpoint in endpoints if endpoint not in (credentials or {})]
+    if missing:
+        raise ValueError(f"{len(missing)} device(s) have no DTLS credentials, {missing[0]} the first")
 
 
 def percentile(values: Sequence[float], share: float) -> float | None:
@@ -131,6 +145,7 @@ async def run_fleet(
     timing: Timing | None = None,
     linger: float = DEFAULT_LINGER,
     progress: Callable[[BootstrapResult], None] | None = None,
+    credentials: Mapping[str, ClientCredentials] | None = None,
 ) -> FleetStats:
     """Bootstrap one simulated device per endpoint name against ``server_uri``: start ``rate`` devices
     per second (None: as fast as the window allows), at most ``window`` at a time, each given ``timeout``
@@ -139,8 +154,10 @@ async def run_fleet(
 
     A device keeps its socket ``linger`` seconds after its outcome (outside the window), answering
     retransmissions as a real device that goes on to register would; with 0 it vanishes at once, and
-    the server's last retransmissions meet ICMP port-unreachable errors."""
+    the server's last retransmissions meet ICMP port-unreachable errors. A ``coaps://`` server needs
+    ``credentials``: each device's factory credential by endpoint name."""
     coap_address(server_uri)
+    check_credentials(server_uri, endpoints, credentials)
     if pack and lwm2m_version != "1.2":
         raise ValueError("Bootstrap-Pack needs LwM2M 1.2")
     if window < 1:
@@ -153,9 +170,11 @@ async def run_fleet(
 
     def device(endpoint: str) -> SimulatedDevice:
         return SimulatedDevice(endpoint, server_uri, lwm2m_version=lwm2m_version, content_format=content_format,
-                               bootstrap_instance=bootstrap_instance, timing=timing)
+                               bootstrap_instance=bootstrap_instance, timing=timing,
+                               bootstrap_credentials=(credentials or {}).get(endpoint))
 
-    device("option-check")  # bad device options fail here, not in every task
+    if endpoints:
+        device(endpoints[0])  # bad device options fail here, not in every task
 
     last_outcome = time.monotonic()
 
@@ -226,6 +245,7 @@ async def register_fleet(
     deregister: bool = True,
     timing: Timing | None = None,
     progress: Callable[[RegistrationResult], None] | None = None,
+    credentials: Mapping[str, ClientCredentials] | None = None,
 ) -> RegistrationFleetStats:
     """Register one simulated device per endpoint name directly with the management server at
     ``server_uri`` (a factory account: no bootstrap): ``rate`` Registers started per second (None: as
@@ -235,8 +255,10 @@ async def register_fleet(
     With ``keep_running`` the registered devices then stay up that many seconds, sending Updates before
     their ``lifetime`` ends and answering the server; with ``deregister`` they De-register at the end
     (``window`` at a time), else they just vanish. Every device holds its own socket throughout, so the
-    open-file limit is raised first."""
+    open-file limit is raised first. A ``coaps://`` server needs ``credentials``: each device's
+    management-server credential by endpoint name."""
     coap_address(server_uri)
+    check_credentials(server_uri, endpoints, credentials)
     if window < 1:
         raise ValueError("window must be at least 1")
     if rate is not None and rate <= 0:
@@ -247,9 +269,10 @@ async def register_fleet(
     def device(endpoint: str) -> SimulatedDevice:
         return SimulatedDevice(endpoint, server_uri=server_uri, lifetime=lifetime, binding=binding,
                                queue_mode=queue_mode, lwm2m_version=lwm2m_version, content_format=content_format,
-                               temperature_sensors=temperature_sensors, sensor_interval=sensor_interval, timing=timing)
+                               temperature_sensors=temperature_sensors, sensor_interval=sensor_interval, timing=timing,
+                               server_credentials=(credentials or {}).get(endpoint))
 
-    device("option-check")  # bad device options fail here, not in every task
+  # bad device options fail here, not in every task
     raise_open_file_limit()
     interval = 1 / rate if rate else 0.0
     slots = asyncio.Semaphore(window)

@@ -17,7 +17,9 @@ from typing import TypeVar
 from pilotboat import __version__
 from pilotboat.lwm2m import objects
 from pilotboat.lwm2m.model import CodecError, Entry, ObjLink, Path, ResourceType, Value
-from pilotboat.model.management_server import BINDING_LETTERS, DEFAULT_BINDING, DEFAULT_LIFETIME, SecurityMode
+from pilotboat.dtls.client import ClientCredentials
+from pilotboat.model.management_server import BINDING_LETTERS, DEFAULT_BINDING, DEFAULT_LIFETIME
+from pilotboat.sim.security import security_resources
 
 #: A resource: one value, or the instances of a multiple resource (instance id -> value).
 Resource = Value | dict[int, Value]
@@ -185,20 +187,19 @@ class ObjectStore:
     @classmethod
     def initial(cls, endpoint: str, bootstrap_uri: str | None, bootstrap_instance: int,
                 device_info: Mapping[int, Resource] | None = None, *, server: ServerAccount | None = None,
-                temperatures: Iterable[float] = (20.0,)) -> ObjectStore:
-        """A factory-fresh device: the bootstrap-server account (NoSec) when there is a bootstrap server,
-        a management-server account (NoSec, at the lowest free Security instance and /1/0) when given
-        one, the Device object and one Temperature instance per initial reading."""
+                temperatures: Iterable[float] = (20.0,), bootstrap_credentials: ClientCredentials | None = None,
+                server_credentials: ClientCredentials | None = None) -> ObjectStore:
+        """A factory-fresh device: the bootstrap-server account when there is a bootstrap server, a
+        management-server account (at the lowest free Security instance and /1/0) when given one, each
+        in NoSec or with its DTLS credentials, the Device object and one Temperature instance per
+        initial reading."""
         store = cls()
         security = store._objects[objects.SECURITY]
         if bootstrap_uri is not None:
             security[bootstrap_instance] = {
                 objects.SECURITY_URI: bootstrap_uri,
                 objects.SECURITY_BOOTSTRAP: True,
-                objects.SECURITY_MODE: int(SecurityMode.NOSEC),
-                objects.SECURITY_IDENTITY: b"",
-                objects.SECURITY_SERVER_PUBLIC_KEY: b"",
-                objects.SECURITY_SECRET_KEY: b"",
+                **security_resources(bootstrap_credentials),
                 objects.SECURITY_HOLD_OFF: 0,
             }
         if server is not None:
@@ -206,10 +207,7 @@ class ObjectStore:
             security[iid] = {
                 objects.SECURITY_URI: server.uri,
                 objects.SECURITY_BOOTSTRAP: False,
-                objects.SECURITY_MODE: int(SecurityMode.NOSEC),
-                objects.SECURITY_IDENTITY: b"",
-                objects.SECURITY_SERVER_PUBLIC_KEY: b"",
-                objects.SECURITY_SECRET_KEY: b"",
+                **security_resources(server_credentials),
                 objects.SECURITY_SHORT_SERVER_ID: server.short_server_id,
             }
             store._objects[objects.SERVER][0] = {

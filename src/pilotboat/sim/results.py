@@ -20,6 +20,7 @@ class Failure(enum.StrEnum):
     BAD_PACK = "bad pack"  # a Bootstrap-Pack payload the device could not read or apply
     SOCKET = "socket error"  # the device could not open or use its socket, or resolve the server
     NO_SERVER = "no server account"  # the device has no management-server account to register with
+    HANDSHAKE = "DTLS handshake failed"  # no DTLS session with a coaps:// server (credentials refused, no answer…)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class ReceivedRequest:
     observe: int | None = None
     #: The query options (Write-Attributes carries its attributes there).
     query: tuple[str, ...] = ()
+    #: Whether it came over a DTLS session (a peer with a session never gets through in clear).
+    secure: bool = False
 
 
 def _reason(failure: Failure | None, code: str | None) -> str | None:

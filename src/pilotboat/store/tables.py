@@ -212,6 +212,10 @@ class DeviceCertificate(Base):
     not_after: Mapped[datetime] = mapped_column(Timestamp, index=True)
     revoked_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     revocation_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    #: bootstrap (factory credential, bootstrap DTLS port) | management (management DTLS port).
+    purpose: Mapped[str] = mapped_column(String(16), default="bootstrap", server_default="bootstrap")
+    #: issued (written at a bootstrap, not used yet) | active.
+    state: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
@@ -227,6 +231,26 @@ class PskIdentity(Base):
     key_sealed: Mapped[str] = mapped_column(Text)
     key_length: Mapped[int] = mapped_column(Integer)
     source: Mapped[str] = mapped_column(String(16))  # generated | imported
+    #: bootstrap (factory credential, bootstrap DTLS port) | management (management DTLS port).
+    purpose: Mapped[str] = mapped_column(String(16), default="bootstrap", server_default="bootstrap")
+    #: issued (written at a bootstrap, not used yet) | active.
+    state: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class DtlsServerKey(Base):
+    """The key pair the deployment's DTLS servers present when no certificate is configured: created
+    once (one row per id), so that every node presents the same one."""
+
+    __tablename__ = "dtls_server_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    common_name: Mapped[str] = mapped_column(String(253))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    #: The certificate chain, leaf first.
+    certificate_pem: Mapped[str] = mapped_column(Text)
+    key_sealed: Mapped[str] = mapped_column(Text)
+    not_after: Mapped[datetime] = mapped_column(Timestamp)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
@@ -360,6 +384,7 @@ __all__ = [
     "DeviceCertificate",
     "DeviceChannel",
     "DirectoryEntry",
+    "DtlsServerKey",
     "Event",
     "ManagementServer",
     "Membership",

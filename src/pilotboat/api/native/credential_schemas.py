@@ -7,10 +7,16 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from pilotboat.api.native.schemas import Strict
+from pilotboat.model.credential import Purpose
 from pilotboat.services.authorities import chain_pem
 from pilotboat.store.tables import CertificateAuthority, DeviceCertificate, PskIdentity, TrustedCertificate
 
 PEM_CHARS = 1_000_000
+PURPOSE_DESCRIPTION = (
+    "bootstrap: a factory credential, accepted by the bootstrap DTLS server only; management: accepted by the "
+    "management DTLS server only (pre-provisioned; the bootstrap issues them too)"
+)
+STATE_DESCRIPTION = "issued: written to the device at a bootstrap, not used yet; active: in use"
 
 
 class CaImport(Strict):
@@ -42,6 +48,7 @@ class CertificateRequest(Strict):
         default=None, max_length=PEM_CHARS,
         description="PKCS#10 request (PEM). Without it the server generates the key pair and returns the key once.",
     )
+    purpose: Purpose = Field(default=Purpose.BOOTSTRAP, description=PURPOSE_DESCRIPTION)
 
 
 class CertificateOut(BaseModel):
@@ -57,6 +64,8 @@ class CertificateOut(BaseModel):
     not_after: datetime
     revoked_at: datetime | None
     revocation_reason: str | None
+    purpose: str = Field(description=PURPOSE_DESCRIPTION)
+    state: str = Field(description=STATE_DESCRIPTION)
     certificate_pem: str
     created_at: datetime
 
@@ -66,7 +75,8 @@ class CertificateOut(BaseModel):
             id=row.id, device_id=row.device_id, ca_id=row.ca_id, serial=row.serial, common_name=row.common_name,
             fingerprint=row.fingerprint, key_source=row.key_source, key_kept=row.key_sealed is not None,
             not_before=row.not_before, not_after=row.not_after, revoked_at=row.revoked_at,
-            revocation_reason=row.revocation_reason, certificate_pem=row.certificate_pem, created_at=row.created_at,
+            revocation_reason=row.revocation_reason, purpose=row.purpose, state=row.state,
+            certificate_pem=row.certificate_pem, created_at=row.created_at,
         )
 
 
@@ -91,6 +101,7 @@ class PskIn(Strict):
     key: str | None = Field(default=None, min_length=32, max_length=128, pattern=r"^[0-9A-Fa-f]+$",
                             description="Import: the factory key in hex")
     key_length: int = Field(default=32, ge=16, le=64, description="Generate: key length in bytes (16 for tinydtls clients)")
+    purpose: Purpose = Field(default=Purpose.BOOTSTRAP, description=PURPOSE_DESCRIPTION)
 
 
 class PskOut(BaseModel):
@@ -99,13 +110,15 @@ class PskOut(BaseModel):
     device_id: str
     key_length: int
     source: str
+    purpose: str = Field(description=PURPOSE_DESCRIPTION)
+    state: str = Field(description=STATE_DESCRIPTION)
     created_at: datetime
 
     @classmethod
     def of(cls, row: PskIdentity) -> PskOut:
         return cls(
             id=row.id, identity=row.identity, device_id=row.device_id, key_length=row.key_length, source=row.source,
-            created_at=row.created_at,
+            purpose=row.purpose, state=row.state, created_at=row.created_at,
         )
 
 

@@ -71,7 +71,8 @@ async def issue_certificate(
     org_id: str, device_id: str, services: ServicesDep, principal: PrincipalDep,
     body: Annotated[CertificateRequest | None, Body()] = None,
 ) -> CertificateIssued:
-    issued = await services.certificates.issue(principal, org_id, device_id, body.csr if body else None)
+    body = body or CertificateRequest()
+    issued = await services.certificates.issue(principal, org_id, device_id, body.csr, purpose=body.purpose)
     return CertificateIssued(
         **CertificateOut.of(issued.record).model_dump(), chain_pem=issued.chain_pem, private_key_pem=issued.private_key_pem
     )
@@ -118,7 +119,7 @@ async def create_psk(
     except ValueError as exc:
         raise InvalidInput("key must be an even number of hex digits", field="key") from exc
     created = await services.psks.create(
-        principal, org_id, device_id, identity=body.identity, key=key, key_length=body.key_length
+        principal, org_id, device_id, identity=body.identity, key=key, key_length=body.key_length, purpose=body.purpose,
     )
     return PskCreated(**PskOut.of(created.record).model_dump(), key=created.key.hex().upper())
 
@@ -167,3 +168,15 @@ async def get_trusted(entry_id: str, services: ServicesDep, principal: Principal
 async def delete_trusted(entry_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
     await services.trust.delete(principal, entry_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+# --- the DTLS servers' own certificate ---------------------------------------------------------
+
+
+@router.get("/dtls/server-certificate", tags=["trust store"], response_class=Response,
+            responses={200: {"content": {PEM_CHAIN: {}}}},
+            summary="The certificate chain the DTLS servers present (PEM, leaf first; the last one is the "
+                    "trust anchor devices keep in /0/x/4)")
+async def dtls_server_certificate(services: ServicesDep, principal: PrincipalDep) -> Response:
+    pair = await services.device_identity.server_credentials()
+    return Response(pair.chain_pem, media_type=PEM_CHAIN)
