@@ -255,7 +255,7 @@ class BootstrapServer:
         sessions.context = listener.context
         lag.start()
         for address in ports.addresses():
-            log.info("LwM2M bootstrap server listening", extra={"address": address})
+            log.info("LwM2M bootstrap server listening on %s", address, extra={"address": address})
         return cls(listener, sessions, lag)
 
     async def close(self) -> None:

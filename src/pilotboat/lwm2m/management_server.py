@@ -250,7 +250,7 @@ class ManagementServer:
         link.context = listener.context
         lag.start()
         for address in ports.addresses():
-            log.info("LwM2M management server listening", extra={"address": address})
+            log.info("LwM2M management server listening on %s", address, extra={"address": address})
         return cls(listener, lag)
 
     async def close(self) -> None:
