@@ -64,7 +64,7 @@ def _refusal(text: str, dotted: str = "4.00") -> aiocoap.Message:
 def _plan_refusal(exc: PlanRefused) -> aiocoap.Message:
     """4.03 for a credential of another device, 4.00 otherwise; the reason is in the server's events, not
     for the peer."""
-    return _refusal("bootstrap refused", getattr(exc, "code", "4.00"))
+    return _refusal("bootstrap refused", exc.code)
 
 
 class BootstrapSessions:
